@@ -1,0 +1,85 @@
+"""Exponential forms: what an ODE tells the solver about its linear part and its weight.
+
+An ODE object describes *what* is integrated; the solver decides *how*. The bridge is one of
+two plain descriptions, built by :meth:`deis_ode.SemiLinearODE.exponential_form`. Neither
+contains numerics: they only name functions of time.
+
+For ``dx/dt = L(t) x + W(t) N(t, x)`` with transition ``Phi(t, s) = exp(int_s^t L)``, one
+exponential multistep step needs
+
+    Phi(t_{n+1}, t_n)                                   (applied to x_n)
+    C_{n,j} = int_{t_n}^{t_{n+1}} Phi(t_{n+1}, tau) W(tau) l_j(u(tau)) dtau   (applied to N_{n-j})
+
+where ``l_j`` are Lagrange basis polynomials in a basis variable ``u``.
+
+* :class:`LinearForm` is the general description: ``L`` constant (a scalar or a diagonal
+  tensor, real or complex) or a callable of ``t``, an optional integral of ``L`` and an
+  optional scalar weight. Its only basis is ``u = t``.
+* :class:`DiffusionForm` describes a diffusion probability-flow ODE, whose kernel factorises
+  as ``Phi(t, tau) W(tau) dtau = m(t) d[exp(sign * lambda(tau))]`` with ``lambda`` the half
+  log-SNR ``log(alpha / sigma)``. The eps split has ``m = alpha``, ``sign = -1`` (the clock
+  is ``rho = sigma / alpha``); the x0 split has ``m = sigma``, ``sign = +1`` (the clock is
+  ``1 / rho``). Its bases are ``"t"``, ``"rho"`` (``u = exp(-lambda)``) and ``"logrho"``
+  (``u = -lambda``).
+
+All callables take and return float64 tensors and are vectorised over their arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+TimeFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class LinearForm:
+    """``dx/dt = L(t) x + W(t) N(t, x)`` in general.
+
+    Attributes:
+        constant_linear: ``L`` when it does not depend on time (a 0-dim or diagonal tensor,
+            real or complex, on its own device; it may require grad), else ``None``.
+        linear_fn: ``t -> L(t)`` when ``L`` depends on time, else ``None``.
+        linear_integral: ``(t, s) -> int_s^t L``, exact, when the user gave it; the solver
+            integrates ``linear_fn`` by Gauss-Legendre quadrature otherwise.
+        weight_fn: ``t -> W(t)`` (a scalar), or ``None`` for ``W = 1``.
+    """
+
+    constant_linear: Tensor | None
+    linear_fn: TimeFn | None = None
+    linear_integral: Callable[[Tensor, Tensor], Tensor] | None = None
+    weight_fn: TimeFn | None = None
+
+    bases = ("t",)
+
+
+@dataclass(frozen=True)
+class DiffusionForm:
+    """A diffusion probability-flow ODE in exponential form.
+
+    ``Phi(t, s) = m(t) / m(s)`` and ``Phi(t, tau) W(tau) dtau = m(t) d[exp(sign * lambda(tau))]``.
+
+    Attributes:
+        log_scale: ``t -> log m(t)``: ``log alpha`` (eps split) or ``log sigma`` (x0 split).
+        log_cofactor: ``t -> log c(t)`` with ``c = m * exp(sign * lambda)``: ``log sigma``
+            (eps split) or ``log alpha`` (x0 split).
+        sign: ``-1`` for the eps split, ``+1`` for the x0 split.
+        half_log_snr: ``t -> lambda(t) = log(alpha / sigma)``.
+        d_half_log_snr: ``t -> d lambda / dt``.
+        time_range: the closed interval of times on which the schedule is defined.
+    """
+
+    log_scale: TimeFn
+    log_cofactor: TimeFn
+    sign: int
+    half_log_snr: TimeFn
+    d_half_log_snr: TimeFn
+    time_range: tuple[float, float]
+
+    bases = ("t", "rho", "logrho")
+
+
+ExponentialForm = LinearForm | DiffusionForm

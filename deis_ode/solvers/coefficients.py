@@ -1,0 +1,212 @@
+r"""Coefficients of one exponential quadrature step, in float64.
+
+For ``dx/dt = L(t) x + W(t) N(t, x)`` and a step from ``t_a`` to ``t_b`` that approximates ``N`` by
+the polynomial through nodes ``t_{(0)}, ..., t_{(K-1)}`` in a basis variable ``u``:
+
+    x(t_b) ~ Phi(t_b, t_a) x(t_a) + sum_j C_j N(t_{(j)}, x_{(j)})
+    C_j    = \int_{t_a}^{t_b} Phi(t_b, tau) W(tau) l_j(u(tau)) dtau,
+
+with ``l_j`` the Lagrange basis polynomials. Writing ``u = u_a + theta h`` (``h = u_b - u_a``) and
+``l_j(theta) = sum_k a_{jk} theta^k``, three cases have closed forms through the phi-functions
+(``\int_0^1 e^{z(1-theta)} theta^k dtheta = k! phi_{k+1}(z)``):
+
+* constant ``L``, ``W = 1``, ``u = t``:   ``C_j = h sum_k a_{jk} k! phi_{k+1}(L h)``;
+* diffusion, ``u = -lambda`` ("logrho"): ``C_j = -s h c(t_b) sum_k a_{jk} k! phi_{k+1}(s h)``;
+* diffusion, eps split, ``u = rho``:     ``C_j = m(t_b) h sum_k a_{jk} / (k + 1)``;
+
+(``m``, ``c``, ``s`` as in :class:`deis_ode.forms.DiffusionForm`). Every other case is integrated by
+adaptive Gauss-Legendre quadrature to 1e-14 relative. The functions here are pure: float64 tensors in,
+float64 (or complex128) tensors out, differentiable with respect to a constant ``L``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..forms import DiffusionForm, ExponentialForm, LinearForm
+from . import quadrature
+from .phi import phi_functions
+
+F64 = torch.float64
+
+
+def lagrange_monomials(theta: Tensor) -> Tensor:
+    """Monomial coefficients ``a[j, k]`` of the Lagrange basis ``l_j(x) = sum_k a[j, k] x^k`` through
+    the distinct nodes ``theta`` (1-D, float64), built as products of linear factors."""
+    n = theta.numel()
+    rows = []
+    for j in range(n):
+        poly = torch.zeros(n, dtype=F64)
+        poly[0] = 1.0
+        for i in range(n):
+            if i == j:
+                continue
+            # poly *= (x - theta_i) / (theta_j - theta_i)
+            shifted = torch.cat([torch.zeros(1, dtype=F64), poly[:-1]])
+            poly = (shifted - theta[i] * poly) / (theta[j] - theta[i])
+        rows.append(poly)
+    return torch.stack(rows)
+
+
+def _factorial_weights(n: int) -> Tensor:
+    return torch.tensor([math.factorial(k) for k in range(n)], dtype=F64)
+
+
+def exponential_weights(z: Tensor, h: Tensor, theta: Tensor) -> Tensor:
+    """``C_j = h \\int_0^1 exp(z (1 - s)) l_j(s) ds`` for the Lagrange basis through ``theta``.
+
+    ``z`` may be any shape (a diagonal linear part), real or complex; the result has shape
+    ``(len(theta), *z.shape)``.
+    """
+    k = theta.numel()
+    a = lagrange_monomials(theta) * _factorial_weights(k)  # a[j, k] k!
+    phis = phi_functions(z, k)[1:]  # phi_1 .. phi_k, shape (k, *z.shape)
+    a = a.to(phis.dtype)
+    return h * torch.tensordot(a, phis, dims=1)
+
+
+def basis_values(form: ExponentialForm, basis: str, times: Tensor) -> Tensor:
+    """The basis variable ``u`` at ``times`` (float64)."""
+    if basis == "t":
+        return times
+    lam = form.half_log_snr(times)
+    return torch.exp(-lam) if basis == "rho" else -lam
+
+
+@lru_cache(maxsize=64)
+def _legendre_matrices(n: int) -> tuple[Tensor, Tensor, Tensor]:
+    x, w = np.polynomial.legendre.leggauss(n)
+    p = np.polynomial.legendre.legvander(x, n - 1)  # p[q, m] = P_m(x_q)
+    return torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(p)
+
+
+def _legendre_antiderivative(values: Tensor, x_eval: Tensor, n: int) -> Tensor:
+    """``\\int_{-1}^{x} f`` at ``x_eval`` for ``f`` given at the ``n`` Gauss-Legendre nodes
+    (``values`` of shape ``(n, *shape)``), through its Legendre series."""
+    _, w, p = _legendre_matrices(n)
+    scale = (2.0 * torch.arange(n, dtype=F64) + 1.0) / 2.0
+    proj = (p * w[:, None]).T * scale[:, None]  # (m, q)
+    coef = torch.tensordot(proj.to(values.dtype), values, dims=1)  # (m, *shape)
+    pe = torch.from_numpy(np.polynomial.legendre.legvander(x_eval.detach().numpy(), n))  # (e, n + 1)
+    # int_{-1}^x P_0 = x + 1; int_{-1}^x P_m = (P_{m+1} - P_{m-1}) / (2m + 1) for m >= 1.
+    anti = torch.empty(x_eval.numel(), n, dtype=F64)
+    anti[:, 0] = pe[:, 1] + 1.0
+    for m in range(1, n):
+        anti[:, m] = (pe[:, m + 1] - pe[:, m - 1]) / (2 * m + 1)
+    return torch.tensordot(anti.to(values.dtype), coef, dims=1), coef
+
+
+def _call_scalar(fn, times: Tensor) -> Tensor:
+    """Evaluate a user callable of a scalar time at each entry of ``times`` and stack."""
+    return torch.stack([torch.as_tensor(fn(tq)).to(device="cpu") for tq in times.unbind()])
+
+
+class LinearIntegral:
+    """``\\int_tau^b L`` for ``tau`` in ``[a, b]`` for a time-dependent ``L`` without a known integral:
+    ``L`` is sampled at Gauss-Legendre nodes and its Legendre series integrated exactly."""
+
+    DEGREES = (24, 48, 96)
+
+    def __init__(self, linear_fn, a: Tensor, b: Tensor) -> None:
+        self.a, self.b = a, b
+        for n in self.DEGREES:
+            x, _, _ = _legendre_matrices(n)
+            vals = _call_scalar(linear_fn, 0.5 * (a + b) + 0.5 * (b - a) * x)
+            vals = vals.to(torch.complex128 if vals.is_complex() else F64)
+            _, coef = _legendre_antiderivative(vals, torch.zeros(1, dtype=F64), n)
+            tail = coef[-3:].detach().abs().max()
+            if tail <= 1e-13 * coef.detach().abs().max() or coef.detach().abs().max() == 0:
+                self.n, self.values = n, vals
+                return
+        raise RuntimeError(
+            "the time-dependent linear part is not resolved by a degree-96 polynomial across one step "
+            f"[{a.item():.6g}, {b.item():.6g}]: use more steps, or pass linear_integral= to SemiLinearODE"
+        )
+
+    def to_end(self, tau: Tensor) -> Tensor:
+        """``\\int_tau^b L`` with shape ``(len(tau), *L.shape)``."""
+        x = (2.0 * tau - (self.a + self.b)) / (self.b - self.a)
+        pts = torch.cat([torch.ones(1, dtype=F64), x])
+        anti, _ = _legendre_antiderivative(self.values, pts, self.n)
+        half = 0.5 * (self.b - self.a)
+        return half * (anti[:1] - anti[1:])
+
+
+def _linear_log_transition(form: LinearForm, a: Tensor, b: Tensor):
+    """A function ``tau -> log Phi(b, tau)`` (vector ``tau``) for a :class:`LinearForm`."""
+    if form.constant_linear is not None:
+        lin = form.constant_linear.to(device="cpu")
+        lin = lin.to(torch.complex128 if lin.is_complex() else F64)
+        return lambda tau: lin * (b - tau).reshape(-1, *([1] * lin.dim()))
+    if form.linear_integral is not None:
+        return lambda tau: _call_scalar(lambda s: form.linear_integral(b, s), tau)
+    integral = LinearIntegral(form.linear_fn, a, b)
+    return integral.to_end
+
+
+def step_coefficients(
+    form: ExponentialForm, basis: str, t_a: Tensor, t_b: Tensor, nodes: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(Phi(t_b, t_a), C)`` for one step; ``C`` has shape ``(len(nodes), *shape_of_L)``.
+
+    Args:
+        form: the ODE's exponential form.
+        basis: the basis variable of the interpolation polynomial.
+        t_a, t_b: 0-dim float64 step limits (either order).
+        nodes: 1-D float64 times of the interpolation nodes (distinct).
+    """
+    u_nodes = basis_values(form, basis, nodes)
+    u_ab = basis_values(form, basis, torch.stack([t_a, t_b]))
+    h = u_ab[1] - u_ab[0]
+    theta = (u_nodes - u_ab[0]) / h
+    if not (torch.isfinite(theta).all() and torch.isfinite(h)):
+        raise ValueError(
+            f"basis {basis!r} is not finite on the step [{t_a.item():.6g}, {t_b.item():.6g}] "
+            "(the schedule reaches sigma = 0 or alpha = 0 there); use basis 't' or 'rho'"
+        )
+
+    if isinstance(form, DiffusionForm):
+        log_m_a, log_m_b = form.log_scale(torch.stack([t_a, t_b])).unbind()
+        transition = torch.exp(log_m_b - log_m_a)
+        s = form.sign
+        if basis == "logrho":
+            c_b = torch.exp(form.log_cofactor(t_b))
+            return transition, -s * c_b * exponential_weights(s * h, h, theta)
+        if basis == "rho" and s == -1:
+            return transition, torch.exp(log_m_b) * exponential_weights(torch.zeros((), dtype=F64), h, theta)
+
+        def kernel(tau: Tensor) -> Tensor:
+            lam = form.half_log_snr(tau)
+            return s * form.d_half_log_snr(tau) * torch.exp(log_m_b + s * lam)
+
+    else:
+        log_phi = _linear_log_transition(form, t_a, t_b)
+        z = log_phi(t_a.reshape(1))[0]  # int_{t_a}^{t_b} L; equals L h for a constant L
+        transition = torch.exp(z)
+        if form.constant_linear is not None and form.weight_fn is None and basis == "t":
+            return transition, exponential_weights(z, h, theta)
+
+        def kernel(tau: Tensor) -> Tensor:
+            k = torch.exp(log_phi(tau))
+            if form.weight_fn is not None:
+                w = _call_scalar(form.weight_fn, tau).to(F64)
+                k = k * w.reshape(-1, *([1] * (k.dim() - 1)))
+            return k
+
+    a = lagrange_monomials(theta)
+    powers = torch.arange(theta.numel(), dtype=F64)
+
+    def integrand(tau: Tensor, w: Tensor) -> Tensor:
+        k = kernel(tau)  # (q, *shape)
+        x = (basis_values(form, basis, tau) - u_ab[0]) / h
+        lj = (x[:, None] ** powers) @ a.T  # (q, j)
+        weighted = (lj * w[:, None]).to(k.dtype)
+        return torch.tensordot(weighted.T, k, dims=1)
+
+    what = f"the {basis}-basis weights on [{t_a.item():.6g}, {t_b.item():.6g}]"
+    return transition, quadrature.integrate(integrand, t_a, t_b, what)

@@ -1,0 +1,68 @@
+r"""Stable phi-functions of exponential integrators.
+
+    phi_0(z) = exp(z),    phi_k(z) = \int_0^1 exp(z (1 - theta)) theta^{k-1} / (k-1)! dtheta   (k >= 1)
+
+so that ``phi_k(0) = 1/k!`` and ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z``. The recurrence cancels
+catastrophically for small ``|z|``; the power series ``phi_k(z) = sum_m z^m / (m + k)!``
+alternates and cancels for large negative ``z``. We use the series for ``|z| < 1``
+(error amplification below 3) and the recurrence, started from an ``expm1``-based ``phi_1``, for
+``|z| >= 1`` (amplification below 20 for ``k <= 4``, measured against mpmath in the tests).
+Works for real and complex ``z`` of any shape; differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: Below this modulus the power series is used.
+SERIES_RADIUS = 1.0
+#: Terms of the power series: |z|^30 / 30! < 4e-33 on the unit disc.
+SERIES_TERMS = 30
+
+
+def _expm1(z: Tensor) -> Tensor:
+    if z.is_complex():
+        # exp(z) - 1 = expm1(x) cos(y) - 2 sin^2(y/2) + i exp(x) sin(y), free of cancellation.
+        x, y = z.real, z.imag
+        real = torch.expm1(x) * torch.cos(y) - 2.0 * torch.sin(0.5 * y) ** 2
+        return torch.complex(real, torch.exp(x) * torch.sin(y))
+    return torch.expm1(z)
+
+
+def phi_functions(z: Tensor, kmax: int) -> Tensor:
+    """``[phi_0(z), ..., phi_kmax(z)]`` stacked along a new leading dimension.
+
+    Args:
+        z: real or complex tensor (float64 / complex128 recommended), any shape.
+        kmax: highest index, ``kmax >= 0``.
+    """
+    if kmax < 0:
+        raise ValueError(f"kmax must be >= 0, got {kmax}")
+    z = torch.as_tensor(z)
+    if not (z.is_floating_point() or z.is_complex()):
+        z = z.to(torch.float64)
+    small = z.abs() < SERIES_RADIUS
+    one = torch.ones((), dtype=z.dtype, device=z.device)
+    z_series = torch.where(small, z, torch.zeros_like(z))
+    z_large = torch.where(small, one, z)
+
+    out = [torch.exp(z)]
+    if kmax == 0:
+        return torch.stack(out)
+    # Power series, Horner form, for |z| < 1.
+    series = []
+    for k in range(1, kmax + 1):
+        acc = torch.full_like(z_series, 1.0 / math.factorial(SERIES_TERMS + k))
+        for m in range(SERIES_TERMS - 1, -1, -1):
+            acc = acc * z_series + 1.0 / math.factorial(m + k)
+        series.append(acc)
+    # Recurrence for |z| >= 1.
+    rec = [_expm1(z_large) / z_large]
+    for k in range(1, kmax):
+        rec.append((rec[-1] - 1.0 / math.factorial(k)) / z_large)
+    for k in range(kmax):
+        out.append(torch.where(small, series[k], rec[k]))
+    return torch.stack(out)
