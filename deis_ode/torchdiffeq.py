@@ -38,6 +38,10 @@ _VALID_OPTIONS = ("basis", "warmup", "lower_order_final", "step_size", "grid_con
 _IGNORED = ("rtol", "atol", "norm")
 
 
+def _is_adjoint_dynamics(f: Any) -> bool:
+    return "augmented_dynamics" in getattr(f, "__qualname__", "")
+
+
 def unwrap(func: Any, method: str) -> tuple[SemiLinearODE, float]:
     """The user's :class:`SemiLinearODE` behind torchdiffeq's wrappers, and the sign relating the
     solver's time to the user's (``-1`` when torchdiffeq reversed time)."""
@@ -51,11 +55,10 @@ def unwrap(func: Any, method: str) -> tuple[SemiLinearODE, float]:
         elif isinstance(f, _td_misc._ReverseFunc) and f.mul == -1.0:
             sign = -sign
             f = f.base_func
-        elif isinstance(f, _td_misc._TupleFunc):
+        elif isinstance(f, _td_misc._TupleFunc) and not _is_adjoint_dynamics(f.base_func):
             raise TypeError(f"method {method!r} does not support tuple states: concatenate them into one tensor")
         else:
-            name = getattr(f, "__qualname__", type(f).__qualname__)
-            if "augmented_dynamics" in name:
+            if _is_adjoint_dynamics(f) or _is_adjoint_dynamics(getattr(f, "base_func", None)):
                 raise TypeError(
                     f"odeint_adjoint's backward pass integrates an adjoint system that is not in semi-linear form, "
                     f"so method {method!r} cannot solve it: pass adjoint_method='dopri5' (or another torchdiffeq "

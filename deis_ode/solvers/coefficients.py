@@ -14,7 +14,8 @@ with ``l_j`` the Lagrange basis polynomials. Writing ``u = u_a + theta h`` (``h 
 * diffusion, ``u = -lambda`` ("logrho"): ``C_j = -s h c(t_b) sum_k a_{jk} k! phi_{k+1}(s h)``;
 * diffusion, eps split, ``u = rho``:     ``C_j = m(t_b) h sum_k a_{jk} / (k + 1)``;
 
-(``m``, ``c``, ``s`` as in :class:`deis_ode.forms.DiffusionForm`). Every other case is integrated by
+(``m``, ``c``, ``s`` as in :class:`deis_ode.forms.DiffusionForm`); with a single node (DDIM) the
+diffusion weight is ``m(t_b) (e^{s lambda(t_b)} - e^{s lambda(t_a)})`` in every basis. Every other case is integrated by
 adaptive Gauss-Legendre quadrature to 1e-14 relative. The functions here are pure: float64 tensors in,
 float64 (or complex128) tensors out, differentiable with respect to a constant ``L``.
 """
@@ -38,6 +39,7 @@ F64 = torch.float64
 def lagrange_monomials(theta: Tensor) -> Tensor:
     """Monomial coefficients ``a[j, k]`` of the Lagrange basis ``l_j(x) = sum_k a[j, k] x^k`` through
     the distinct nodes ``theta`` (1-D, float64), built as products of linear factors."""
+    theta = theta.to(F64)
     n = theta.numel()
     rows = []
     for j in range(n):
@@ -164,7 +166,7 @@ def step_coefficients(
     u_ab = basis_values(form, basis, torch.stack([t_a, t_b]))
     h = u_ab[1] - u_ab[0]
     theta = (u_nodes - u_ab[0]) / h
-    if not (torch.isfinite(theta).all() and torch.isfinite(h)):
+    if nodes.numel() > 1 and not (torch.isfinite(theta).all() and torch.isfinite(h)):
         raise ValueError(
             f"basis {basis!r} is not finite on the step [{t_a.item():.6g}, {t_b.item():.6g}] "
             "(the schedule reaches sigma = 0 or alpha = 0 there); use basis 't' or 'rho'"
@@ -174,6 +176,14 @@ def step_coefficients(
         log_m_a, log_m_b = form.log_scale(torch.stack([t_a, t_b])).unbind()
         transition = torch.exp(log_m_b - log_m_a)
         s = form.sign
+        if nodes.numel() == 1:
+            # l_0 = 1 in every basis: C_0 = m_b (e^{s lam_b} - e^{s lam_a}) = c_b (1 - e^{s (lam_a - lam_b)})
+            lam_a, lam_b = form.half_log_snr(torch.stack([t_a, t_b])).unbind()
+            if torch.isfinite(lam_a) and torch.isfinite(lam_b):
+                weight = -torch.exp(form.log_cofactor(t_b)) * torch.expm1(s * (lam_a - lam_b))
+            else:  # an end at sigma = 0 or alpha = 0, where exp(s lambda) is 0 or inf
+                weight = torch.exp(log_m_b) * (torch.exp(s * lam_b) - torch.exp(s * lam_a))
+            return transition, weight.reshape(1)
         if basis == "logrho":
             c_b = torch.exp(form.log_cofactor(t_b))
             return transition, -s * c_b * exponential_weights(s * h, h, theta)

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: Node counts tried in turn; the first pair agreeing to ``RELATIVE_TOLERANCE`` is accepted.
+#: Node counts tried in turn. Gauss-Legendre converges exponentially on these integrands, so once two
+#: successive counts agree to ``RELATIVE_TOLERANCE`` the finer value is accurate far beyond that; the
+#: tolerance itself sits just above the round-off floor of a few hundred float64 terms.
 NODE_COUNTS = (16, 32, 64, 128, 256, 512)
-RELATIVE_TOLERANCE = 1e-14
+RELATIVE_TOLERANCE = 1e-13
 
 
 @cache
