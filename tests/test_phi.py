@@ -71,7 +71,8 @@ def test_exponential_weights_match_quadrature(lam):
     """C_j = h int_0^1 e^{z(1-s)} l_j(s) ds, for stiff, tiny and growing z, against mpmath quadrature."""
     h = 0.37
     theta = [0.0, -0.6, -1.7, -2.2]
-    weights = exponential_weights(torch.tensor(lam * h, dtype=F64), torch.tensor(h, dtype=F64), torch.tensor(theta, dtype=F64))
+    z64, h64 = torch.tensor(lam * h, dtype=F64), torch.tensor(h, dtype=F64)
+    weights = exponential_weights(z64, h64, torch.tensor(theta, dtype=F64))
     with mpmath.workdps(40):
         z = mpmath.mpf(lam) * mpmath.mpf(h)
         # split where the kernel e^{z(1-s)} has decayed, so the quadrature resolves the boundary layer
