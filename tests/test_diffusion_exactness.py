@@ -86,3 +86,62 @@ def test_each_step_is_exact_for_a_polynomial_prediction(order, basis, split, fam
             w * ode.nonlinear_part(times[n], x) for w, n in zip(update.weights, update.nodes, strict=True)
         )
         assert stepped.item() == pytest.approx(float(exact_next), rel=1e-10, abs=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    order=st.integers(1, 4),
+    case=st.sampled_from([("eps", "t"), ("eps", "rho"), ("eps", "logrho"), ("x0", "t"), ("x0", "rho")]),
+    extra=st.integers(0, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_last_step_to_sigma_zero_is_exact(order, case, extra, seed):
+    """A step that ends exactly at sigma = 0 (VP at t = 0): the limits of the coefficients are used there.
+
+    Reference: eps split, x(0) = alpha_0 [x_a / alpha_a + int_{rho_a}^0 eps drho]; x0 split, x(0) = alpha_0 x0(0).
+    """
+    split, basis = case
+    rng = np.random.default_rng(seed)
+    schedule = VPSchedule.linear()
+    steps = order + extra
+    h = rng.uniform(0.4, 2.5, size=steps)
+    times = torch.tensor(0.5 * (1.0 - np.concatenate([[0.0], np.cumsum(h) / h.sum()])), dtype=F64)  # 0.5 -> 0
+    times[-1] = 0.0
+    coef = rng.normal(size=order)
+
+    def basis_at(t):
+        lam = float(schedule.half_log_snr(torch.tensor(t, dtype=F64)))
+        return {"t": t, "rho": math.exp(-lam), "logrho": -lam}[basis]
+
+    def q(u):
+        return sum(c * u**k for k, c in enumerate(coef))
+
+    def model(x, t):
+        return torch.full_like(x, q(basis_at(float(t))))
+
+    ode = VPODE(model, schedule, prediction=split, extrapolate=split)
+    plan = build_plan(ode.exponential_form(), basis, times, order, "lower_order")
+    last = plan.main[-1]
+    if len(last.nodes) < order:
+        return
+    x_a = torch.tensor([0.3], dtype=F64)
+    stepped = last.transition * x_a + sum(
+        w * ode.nonlinear_part(times[n], x_a) for w, n in zip(last.weights, last.nodes, strict=True)
+    )
+    a = last.source
+    alpha_a, alpha_0 = float(schedule.alpha(times[a])), float(schedule.alpha(times[-1]))
+    if split == "eps":
+        rho_a = float(torch.exp(-schedule.half_log_snr(times[a])))
+
+        def integrand(rho):
+            lam = -math.log(rho)
+            return q(
+                {"t": float(schedule.t_of_half_log_snr(torch.tensor(lam, dtype=F64))), "rho": rho, "logrho": -lam}[
+                    basis
+                ]
+            )
+
+        exact = alpha_0 * (0.3 / alpha_a - quad(integrand, 0.0, rho_a, epsrel=1e-13, epsabs=1e-15, limit=200)[0])
+    else:
+        exact = alpha_0 * q(basis_at(0.0))
+    assert stepped.item() == pytest.approx(exact, rel=1e-9, abs=1e-10)

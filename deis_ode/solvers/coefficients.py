@@ -162,61 +162,98 @@ def step_coefficients(
         t_a, t_b: 0-dim float64 step limits (either order).
         nodes: 1-D float64 times of the interpolation nodes (distinct).
     """
-    u_nodes = basis_values(form, basis, nodes)
-    u_ab = basis_values(form, basis, torch.stack([t_a, t_b]))
-    h = u_ab[1] - u_ab[0]
-    theta = (u_nodes - u_ab[0]) / h
-    if nodes.numel() > 1 and not (torch.isfinite(theta).all() and torch.isfinite(h)):
-        raise ValueError(
-            f"basis {basis!r} is not finite on the step [{t_a.item():.6g}, {t_b.item():.6g}] "
-            "(the schedule reaches sigma = 0 or alpha = 0 there); use basis 't' or 'rho'"
-        )
-
     if isinstance(form, DiffusionForm):
-        log_m_a, log_m_b = form.log_scale(torch.stack([t_a, t_b])).unbind()
-        transition = torch.exp(log_m_b - log_m_a)
-        s = form.sign
-        if nodes.numel() == 1:
-            # l_0 = 1 in every basis: C_0 = m_b (e^{s lam_b} - e^{s lam_a}) = c_b (1 - e^{s (lam_a - lam_b)})
-            lam_a, lam_b = form.half_log_snr(torch.stack([t_a, t_b])).unbind()
-            if torch.isfinite(lam_a) and torch.isfinite(lam_b):
-                weight = -torch.exp(form.log_cofactor(t_b)) * torch.expm1(s * (lam_a - lam_b))
-            else:  # an end at sigma = 0 or alpha = 0, where exp(s lambda) is 0 or inf
-                weight = torch.exp(log_m_b) * (torch.exp(s * lam_b) - torch.exp(s * lam_a))
-            return transition, weight.reshape(1)
-        if basis == "logrho":
-            c_b = torch.exp(form.log_cofactor(t_b))
-            return transition, -s * c_b * exponential_weights(s * h, h, theta)
-        if basis == "rho" and s == -1:
-            return transition, torch.exp(log_m_b) * exponential_weights(torch.zeros((), dtype=F64), h, theta)
+        return _diffusion_step(form, basis, t_a, t_b, nodes)
+    return _linear_step(form, basis, t_a, t_b, nodes)
 
-        def kernel(tau: Tensor) -> Tensor:
-            lam = form.half_log_snr(tau)
-            return s * form.d_half_log_snr(tau) * torch.exp(log_m_b + s * lam)
 
-    else:
-        log_phi = _linear_log_transition(form, t_a, t_b)
-        z = log_phi(t_a.reshape(1))[0]  # int_{t_a}^{t_b} L; equals L h for a constant L
-        transition = torch.exp(z)
-        if form.constant_linear is not None and form.weight_fn is None and basis == "t":
-            return transition, exponential_weights(z, h, theta)
+def _normalised_nodes(form: ExponentialForm, basis: str, t_a: Tensor, t_b: Tensor, nodes: Tensor):
+    """``(u_a, h, theta)``: the basis variable at ``t_a``, the step in it, and the nodes in units of the step."""
+    u_nodes = basis_values(form, basis, nodes)
+    u_a, u_b = basis_values(form, basis, torch.stack([t_a, t_b])).unbind()
+    h = u_b - u_a
+    theta = (u_nodes - u_a) / h
+    if not (torch.isfinite(theta).all() and torch.isfinite(h)):
+        raise ValueError(
+            f"basis {basis!r} is not finite on the step [{t_a.item():.6g}, {t_b.item():.6g}] with nodes "
+            f"{nodes.tolist()} (the schedule reaches sigma = 0 or alpha = 0 there); use basis 't'"
+        )
+    return u_a, h, theta
 
-        def kernel(tau: Tensor) -> Tensor:
-            k = torch.exp(log_phi(tau))
-            if form.weight_fn is not None:
-                w = _call_scalar(form.weight_fn, tau).to(F64)
-                k = k * w.reshape(-1, *([1] * (k.dim() - 1)))
-            return k
 
+def _diffusion_step(form: DiffusionForm, basis: str, t_a: Tensor, t_b: Tensor, nodes: Tensor):
+    ends = torch.stack([t_a, t_b])
+    lam_a, lam_b = form.half_log_snr(ends).unbind()
+    log_m_a, log_m_b = form.log_scale(ends).unbind()
+    transition = torch.exp(log_m_b - log_m_a)
+    if not torch.isfinite(transition):
+        raise ValueError(
+            f"the transition of the step [{t_a.item():.6g}, {t_b.item():.6g}] is infinite: the eps split needs "
+            "alpha > 0 on the whole grid (a flow-matching schedule starts at alpha = 0); use extrapolate='x0'"
+        )
+    s = form.sign
+    c_b = torch.exp(form.log_cofactor(t_b))
+    if nodes.numel() == 1:
+        # l_0 = 1 in every basis: C_0 = m_b (e^{s lam_b} - e^{s lam_a}) = c_b (1 - e^{s (lam_a - lam_b)})
+        # (the first form is free of cancellation; at an end with sigma = 0 or alpha = 0 one of the two forms
+        # meets 0 * inf and the other gives the limit)
+        weight = -c_b * torch.expm1(s * (lam_a - lam_b))
+        if not torch.isfinite(weight):
+            weight = torch.exp(log_m_b) * (torch.exp(s * lam_b) - torch.exp(s * lam_a))
+        return transition, weight.reshape(1)
+    if basis == "logrho" and s == -1 and lam_b == math.inf:
+        # eps split ending at sigma = 0, where log rho = -inf: in w = log rho - log rho_a,
+        # C_j = alpha_b int_{rho_a}^0 l_j drho = -alpha_b rho_a int_{-inf}^0 e^w l_j(w) dw,  int e^w w^k = (-1)^k k!
+        w = basis_values(form, basis, nodes) + lam_a
+        if not (torch.isfinite(w).all() and torch.isfinite(lam_a)):
+            raise ValueError(f"basis 'logrho' is not finite at the nodes {nodes.tolist()}; use basis 't'")
+        moments = torch.tensor([(-1) ** k * math.factorial(k) for k in range(nodes.numel())], dtype=F64)
+        return transition, -torch.exp(log_m_b - lam_a) * (lagrange_monomials(w) @ moments)
+    u_a, h, theta = _normalised_nodes(form, basis, t_a, t_b, nodes)
+    if log_m_b == -math.inf:
+        # x0 split ending at sigma = 0: Phi(t_b, tau) = 0 inside the step, and the limit of
+        # sigma_b int d(alpha / sigma) l_j is alpha_b l_j(t_b): the x0 polynomial evaluated at the end
+        return transition, c_b * lagrange_monomials(theta).sum(dim=1)
+    if basis == "logrho":
+        return transition, -s * c_b * exponential_weights(s * h, h, theta)
+    if basis == "rho" and s == -1:
+        return transition, torch.exp(log_m_b) * exponential_weights(torch.zeros((), dtype=F64), h, theta)
+
+    def kernel(tau: Tensor) -> Tensor:
+        return s * form.d_half_log_snr(tau) * torch.exp(log_m_b + s * form.half_log_snr(tau))
+
+    return transition, _quadrature_weights(form, basis, kernel, t_a, t_b, u_a, h, theta)
+
+
+def _linear_step(form: LinearForm, basis: str, t_a: Tensor, t_b: Tensor, nodes: Tensor):
+    u_a, h, theta = _normalised_nodes(form, basis, t_a, t_b, nodes)
+    log_phi = _linear_log_transition(form, t_a, t_b)
+    z = log_phi(t_a.reshape(1))[0]  # int_{t_a}^{t_b} L; equals L h for a constant L
+    transition = torch.exp(z)
+    if form.constant_linear is not None and form.weight_fn is None and basis == "t":
+        return transition, exponential_weights(z, h, theta)
+
+    def kernel(tau: Tensor) -> Tensor:
+        k = torch.exp(log_phi(tau))
+        if form.weight_fn is not None:
+            w = _call_scalar(form.weight_fn, tau).to(F64)
+            k = k * w.reshape(-1, *([1] * (k.dim() - 1)))
+        return k
+
+    return transition, _quadrature_weights(form, basis, kernel, t_a, t_b, u_a, h, theta)
+
+
+def _quadrature_weights(form, basis, kernel, t_a: Tensor, t_b: Tensor, u_a: Tensor, h: Tensor, theta: Tensor):
+    """``C_j = int_{t_a}^{t_b} kernel(tau) l_j(theta(tau)) dtau`` by adaptive Gauss-Legendre quadrature."""
     a = lagrange_monomials(theta)
     powers = torch.arange(theta.numel(), dtype=F64)
 
     def integrand(tau: Tensor, w: Tensor) -> Tensor:
         k = kernel(tau)  # (q, *shape)
-        x = (basis_values(form, basis, tau) - u_ab[0]) / h
+        x = (basis_values(form, basis, tau) - u_a) / h
         lj = (x[:, None] ** powers) @ a.T  # (q, j)
         weighted = (lj * w[:, None]).to(k.dtype)
         return torch.tensordot(weighted.T, k, dims=1)
 
     what = f"the {basis}-basis weights on [{t_a.item():.6g}, {t_b.item():.6g}]"
-    return transition, quadrature.integrate(integrand, t_a, t_b, what)
+    return quadrature.integrate(integrand, t_a, t_b, what)
