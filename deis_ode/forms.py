@@ -46,12 +46,15 @@ class LinearForm:
         linear_integral: ``(t, s) -> int_s^t L``, exact, when the user gave it; the solver
             integrates ``linear_fn`` by Gauss-Legendre quadrature otherwise.
         weight_fn: ``t -> W(t)`` (a scalar), or ``None`` for ``W = 1``.
+        matrix: ``constant_linear`` is a dense ``(d, d)`` matrix acting on the last dimension of the state
+            (``L x`` means ``x @ L.T``) instead of a diagonal.
     """
 
     constant_linear: Tensor | None
     linear_fn: TimeFn | None = None
     linear_integral: Callable[[Tensor, Tensor], Tensor] | None = None
     weight_fn: TimeFn | None = None
+    matrix: bool = False
 
     bases = ("t",)
 
@@ -66,18 +69,22 @@ class DiffusionForm:
         log_scale: ``t -> log m(t)``: ``log alpha`` (eps split) or ``log sigma`` (x0 split).
         log_cofactor: ``t -> log c(t)`` with ``c = m * exp(sign * lambda)``: ``log sigma``
             (eps split) or ``log alpha`` (x0 split).
-        sign: ``-1`` for the eps split, ``+1`` for the x0 split.
+        sign: ``-1`` for the eps split, ``+1`` for the x0 split (the x0 split of the reverse SDE with
+            stochasticity ``eta`` has ``1 + eta^2``, see :mod:`deis_ode.diffusion.sde`).
         half_log_snr: ``t -> lambda(t) = log(alpha / sigma)``.
         d_half_log_snr: ``t -> d lambda / dt``.
         time_range: the closed interval of times on which the schedule is defined.
+        t_of_half_log_snr: ``lambda -> t``, the exact inverse of ``half_log_snr``, or ``None`` when unknown.
+            Only methods that evaluate ``N`` between grid points (the rho-Runge-Kutta variants) need it.
     """
 
     log_scale: TimeFn
     log_cofactor: TimeFn
-    sign: int
+    sign: float
     half_log_snr: TimeFn
     d_half_log_snr: TimeFn
     time_range: tuple[float, float]
+    t_of_half_log_snr: TimeFn | None = None
 
     bases = ("t", "rho", "logrho")
 

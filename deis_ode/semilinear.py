@@ -43,6 +43,8 @@ class SemiLinearODE(nn.Module):
             An ``nn.Module`` is registered as a submodule (its parameters are found by
             ``odeint_adjoint``).
         weight: optional scalar ``W(t)`` (a callable of ``t``); ``None`` means ``W = 1``.
+        matrix: ``linear`` is a constant dense ``(d, d)`` matrix acting on the last dimension of the state
+            (``L x`` is ``x @ L.T``), for small coupled linear parts; the transition is a matrix exponential.
         linear_integral: optional exact ``(t, s) -> \int_s^t L`` for a time-varying ``L``;
             without it the solver integrates ``L`` by Gauss-Legendre quadrature.
 
@@ -61,6 +63,7 @@ class SemiLinearODE(nn.Module):
         weight: Callable[[Tensor], float | Tensor] | None = None,
         *,
         linear_integral: Callable[[Tensor, Tensor], Tensor] | None = None,
+        matrix: bool = False,
     ) -> None:
         super().__init__()
         if not callable(nonlinear):
@@ -74,6 +77,12 @@ class SemiLinearODE(nn.Module):
             )
         if linear_integral is not None and not callable(linear):
             raise ValueError("linear_integral is only meaningful for a time-varying (callable) linear part")
+        if matrix and not (isinstance(linear, Tensor) and linear.dim() == 2 and linear.shape[0] == linear.shape[1]):
+            raise ValueError(
+                "matrix=True needs linear to be a constant square (d, d) tensor acting on the last dimension, got "
+                + (f"shape {tuple(linear.shape)}" if isinstance(linear, Tensor) else type(linear).__name__)
+            )
+        self.matrix = matrix
         if isinstance(linear, numbers.Number):
             linear = torch.tensor(linear, dtype=torch.complex128 if isinstance(linear, complex) else torch.float64)
         if isinstance(linear, Tensor) and not isinstance(linear, nn.Parameter):
@@ -104,11 +113,12 @@ class SemiLinearODE(nn.Module):
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         """The full drift ``L(t) x + W(t) N(t, x)`` (what dopri5, rk4, ... integrate)."""
-        drift = cast_like_state(self.linear_part(t), x) * x
+        linear = cast_like_state(self.linear_part(t), x)
+        drift = x @ linear.T if self.matrix else linear * x
         return drift + cast_like_state(self.weight_part(t), x) * self.nonlinear_part(t, x)
 
     def exponential_form(self) -> ExponentialForm:
         """The description of ``L`` and ``W`` that the ``deis*`` methods integrate exactly."""
         if callable(self.linear):
             return LinearForm(None, self.linear, self.linear_integral, self.weight)
-        return LinearForm(self.linear, None, None, self.weight)
+        return LinearForm(self.linear, None, None, self.weight, matrix=self.matrix)

@@ -1,5 +1,9 @@
 """torchdiffeq adapter: the ``deis1`` .. ``deis4`` methods in torchdiffeq's solver registry.
 
+The paper's diffusion variants are registered too (options ``step_size`` and ``grid_constructor`` only; a
+diffusion drift with ``extrapolate="eps"`` is required): ``ipndm``, ``ipndm_v`` and ``deis_rk2`` .. ``deis_rk4``
+(see :class:`DiffusionVariantSolver`).
+
 After ``import deis_ode``, ``torchdiffeq.odeint(ode, x0, t, method="deis3", options={...})`` integrates a
 :class:`~deis_ode.SemiLinearODE` with the exponential multistep engine. torchdiffeq hands the solver a
 wrapped ``func`` (``_PerturbFunc``, and ``_ReverseFunc`` with negated time when ``t`` decreases, as in
@@ -31,7 +35,9 @@ from torchdiffeq._impl.odeint import SOLVERS
 
 from .forms import DiffusionForm
 from .semilinear import SemiLinearODE
+from .solvers.ipndm import build_ipndm_plan, build_ipndm_v_plan, require_eps_diffusion
 from .solvers.multistep import WARMUPS, build_plan, place_plan, run_plan
+from .solvers.rho_rk import TABLEAUS, build_rho_rk_plan, place_rho_rk_plan, run_rho_rk
 
 _VALID_OPTIONS = ("basis", "warmup", "lower_order_final", "step_size", "grid_constructor")
 # Always passed by torchdiffeq (tolerances and norm only matter to adaptive solvers).
@@ -145,7 +151,13 @@ class DEISSolver:
 
     def _check_linear_shape(self) -> None:
         lin = getattr(self.form, "constant_linear", None)
-        if isinstance(lin, Tensor) and lin.dim() > 0:
+        if getattr(self.form, "matrix", False):
+            if self.y0.dim() == 0 or lin.shape[-1] != self.y0.shape[-1]:
+                raise ValueError(
+                    f"the linear part is a {tuple(lin.shape)} matrix acting on the last dimension, which does not "
+                    f"match the state's shape {tuple(self.y0.shape)}"
+                )
+        elif isinstance(lin, Tensor) and lin.dim() > 0:
             try:
                 shape = torch.broadcast_shapes(lin.shape, self.y0.shape)
             except RuntimeError:
@@ -183,8 +195,6 @@ class DEISSolver:
             bad = (times < lo) | (times > hi)
             if bool(bad.any()):
                 raise ValueError(f"t = {times[bad][0].item():.8g} is outside the schedule's time range [{lo}, {hi}]")
-        plan = build_plan(self.form, self.basis, times, self.order, self.warmup, self.lower_order_final)
-        place_plan(plan, self.y0)
         real = self.y0.real.dtype if self.y0.is_complex() else self.y0.dtype
         t_state = times.to(device=self.y0.device, dtype=real)
         outputs = torch.searchsorted(grid, t.detach().to("cpu", torch.float64)).tolist()
@@ -196,8 +206,15 @@ class DEISSolver:
             if callback is not None:
                 callback(grid_state[n], x, dts[n])
 
-        states = run_plan(plan, self.ode.nonlinear_part, self.y0, t_state, outputs, on_step)
+        states = self._solve(times, t_state, outputs, on_step)
         return torch.stack(states)
+
+    def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
+        """Run the method on the grid ``times`` (the user's time, float64 on the host; ``t_state`` is the same grid
+        on the state's device and real dtype) and return the states at the grid indices ``outputs``."""
+        plan = build_plan(self.form, self.basis, times, self.order, self.warmup, self.lower_order_final)
+        place_plan(plan, self.y0)
+        return run_plan(plan, self.ode.nonlinear_part, self.y0, t_state, outputs, on_step)
 
     def integrate_until_event(self, t0: Tensor, event_fn: Any) -> Any:
         raise NotImplementedError(f"method {self.method!r} does not support event_fn; use a torchdiffeq method")
@@ -209,6 +226,79 @@ def _make(order: int) -> type[DEISSolver]:
 
 
 METHODS: dict[str, type[DEISSolver]] = {f"deis{k}": _make(k) for k in range(1, 5)}
+
+_VARIANT_OPTIONS = ("step_size", "grid_constructor")
+
+
+class DiffusionVariantSolver(DEISSolver):
+    """Base class of the paper's diffusion variants (``ipndm``, ``ipndm_v``, ``deis_rk2..4``).
+
+    They integrate ``d(x / alpha) / d rho = eps`` and need a diffusion drift with ``extrapolate="eps"``
+    (``ValueError`` otherwise). Options: ``step_size`` and ``grid_constructor`` (as for ``deisK``); anything
+    else raises ``ValueError``.
+    """
+
+    method: str  # the registered name (shadows DEISSolver.method)
+
+    def __init__(
+        self,
+        func: Any,
+        y0: Tensor,
+        *,
+        step_size: float | None = None,
+        grid_constructor: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        unknown = sorted(k for k in kwargs if k not in _IGNORED)
+        if unknown:
+            raise ValueError(
+                f"method {self.method!r}: unknown option(s) {unknown}; valid options are {list(_VARIANT_OPTIONS)}"
+            )
+        super().__init__(func, y0, step_size=step_size, grid_constructor=grid_constructor, **kwargs)
+        require_eps_diffusion(self.form, self.method)
+
+
+class IPNDMSolver(DiffusionVariantSolver):
+    """iPNDM: DDIM steps with the fixed Adams-Bashforth combination of the last (up to 4) eps values, lower-order
+    start (:mod:`deis_ode.solvers.ipndm`). Order 2 on grids uniform in rho, 1 evaluation per step."""
+
+    method = "ipndm"
+    order = 4
+
+    def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
+        plan = place_plan(build_ipndm_plan(self.form, times), self.y0)
+        return run_plan(plan, self.ode.nonlinear_part, self.y0, t_state, outputs, on_step)
+
+
+class IPNDMVSolver(DiffusionVariantSolver):
+    """Variable-step iPNDM: Adams-Bashforth in rho with the coefficients of the actual steps, lower-order start;
+    identical to ``deis4`` with ``basis="rho"``, ``warmup="lower_order"``. 1 evaluation per step."""
+
+    method = "ipndm_v"
+    order = 4
+
+    def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
+        plan = place_plan(build_ipndm_v_plan(self.form, times), self.y0)
+        return run_plan(plan, self.ode.nonlinear_part, self.y0, t_state, outputs, on_step)
+
+
+class RhoRKSolver(DiffusionVariantSolver):
+    """rho-Runge-Kutta of order ``order`` (:mod:`deis_ode.solvers.rho_rk`): ``order`` evaluations per step."""
+
+    def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
+        plan = place_rho_rk_plan(build_rho_rk_plan(self.form, times, self.order), self.y0)
+        stage_times = plan.stage_times.to(device=t_state.device, dtype=t_state.dtype)
+        return run_rho_rk(plan, self.ode.nonlinear_part, self.y0, stage_times, outputs, on_step)
+
+
+def _make_rk(order: int) -> type[RhoRKSolver]:
+    doc = f"rho-Runge-Kutta ({TABLEAUS[order].name}): global order {order}, {order} evaluations per step."
+    attrs = {"order": order, "method": f"deis_rk{order}", "__doc__": doc}
+    return type(f"DEISRK{order}Solver", (RhoRKSolver,), attrs)
+
+
+METHODS.update({"ipndm": IPNDMSolver, "ipndm_v": IPNDMVSolver})
+METHODS.update({f"deis_rk{k}": _make_rk(k) for k in (2, 3, 4)})
 
 
 def register() -> list[str]:

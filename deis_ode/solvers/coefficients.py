@@ -225,8 +225,37 @@ def _diffusion_step(form: DiffusionForm, basis: str, t_a: Tensor, t_b: Tensor, n
     return transition, _quadrature_weights(form, basis, kernel, t_a, t_b, u_a, h, theta)
 
 
+def matrix_phi_functions(a: Tensor, kmax: int) -> Tensor:
+    """``[phi_0(A), ..., phi_kmax(A)]`` for a square matrix ``A``, from one matrix exponential of the augmented
+    block matrix ``[[A, I, 0, ..], [0, 0, I, ..], .., [0, .., 0]]`` of size ``d (kmax + 1)``, whose first block
+    row is ``[e^A, phi_1(A), .., phi_kmax(A)]`` (Saad 1992; Al-Mohy & Higham 2011)."""
+    d = a.shape[-1]
+    size = d * (kmax + 1)
+    aug = torch.zeros(size, size, dtype=a.dtype)
+    aug[:d, :d] = a
+    eye = torch.eye(d, dtype=a.dtype)
+    for k in range(kmax):
+        aug[k * d : (k + 1) * d, (k + 1) * d : (k + 2) * d] = eye
+    top = torch.linalg.matrix_exp(aug)[:d]
+    return torch.stack([top[:, k * d : (k + 1) * d] for k in range(kmax + 1)])
+
+
+def _matrix_step(form: LinearForm, h: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """Constant dense ``L``: ``Phi = e^{L h}``, ``C_j = h sum_k a_jk k! phi_{k+1}(L h)`` as matrices."""
+    lin = form.constant_linear.to(device="cpu")
+    lin = lin.to(torch.complex128 if lin.is_complex() else F64)
+    k = theta.numel()
+    phis = matrix_phi_functions(lin * h, k)
+    a = (lagrange_monomials(theta) * _factorial_weights(k)).to(phis.dtype)
+    return phis[0], h * torch.tensordot(a, phis[1:], dims=1)
+
+
 def _linear_step(form: LinearForm, basis: str, t_a: Tensor, t_b: Tensor, nodes: Tensor):
     u_a, h, theta = _normalised_nodes(form, basis, t_a, t_b, nodes)
+    if form.matrix:
+        if form.weight_fn is not None:
+            raise ValueError("a dense matrix linear part is supported with W = 1 only")
+        return _matrix_step(form, h, theta)
     log_phi = _linear_log_transition(form, t_a, t_b)
     z = log_phi(t_a.reshape(1))[0]  # int_{t_a}^{t_b} L; equals L h for a constant L
     transition = torch.exp(z)

@@ -49,6 +49,7 @@ class Update:
     nodes: tuple[int, ...]
     transition: object  # float64 tensor while planning; Python number or state-dtype tensor once placed
     weights: list
+    matrix: bool = False  # transition and weights are (d, d) matrices acting on the last dimension
 
 
 @dataclass
@@ -91,19 +92,25 @@ class _CoefficientCache:
         t_a, t_b = times[source], times[target]
         node_t = times[list(nodes)]
         if not self.enabled:
-            return step_coefficients(self.form, self.basis, t_a, t_b, node_t)
+            return self._split(step_coefficients(self.form, self.basis, t_a, t_b, node_t))
         h = (t_b - t_a).item()
         # 12 significant digits: steps of a linspace grid that differ only by round-off share one entry; the
         # reused coefficients belong to a grid moved by at most 5e-13 of a step, far below any truncation error
         key = (float(f"{h:.11e}"), tuple(float(f"{v:.11e}") for v in ((node_t - t_a) / h).tolist()))
         if key not in self.table:
-            self.table[key] = step_coefficients(self.form, self.basis, t_a, t_b, node_t)
+            self.table[key] = self._split(step_coefficients(self.form, self.basis, t_a, t_b, node_t))
         return self.table[key]
+
+    @staticmethod
+    def _split(coefficients: tuple[Tensor, Tensor]) -> tuple[Tensor, list[Tensor]]:
+        transition, weights = coefficients
+        return transition, list(weights.unbind(0))
 
 
 def _update(cache: _CoefficientCache, times: Tensor, source: int, target: int, nodes: tuple[int, ...]) -> Update:
     transition, weights = cache(times, source, target, nodes)
-    return Update(source, target, nodes, transition, list(weights.unbind(0)))
+    matrix = bool(getattr(cache.form, "matrix", False))
+    return Update(source, target, nodes, transition, list(weights), matrix)
 
 
 def build_plan(
@@ -164,14 +171,27 @@ def _place(value: Tensor, like: Tensor):
 
 def place_plan(plan: Plan, like: Tensor) -> Plan:
     """Move every coefficient of ``plan`` to the device and dtype of the state ``like`` (in place)."""
+    placed: dict[int, object] = {}  # steps that share a cached coefficient share one placed copy
+
+    def place(value: Tensor):
+        key = id(value)
+        if key not in placed:
+            placed[key] = (_place(value, like), value)  # keep value alive so that its id stays unique
+        return placed[key][0]
+
     for update in plan.start + plan.block + plan.main:
-        update.transition = _place(update.transition, like)
-        update.weights = [_place(w, like) for w in update.weights]
+        update.transition = place(update.transition)
+        update.weights = [place(w) for w in update.weights]
     return plan
 
 
 def _apply(update: Update, x: Tensor, values: dict[int, Tensor]) -> Tensor:
     a = update.transition
+    if update.matrix:
+        out = x @ a.T
+        for w, node in zip(update.weights, update.nodes, strict=True):
+            out = out + values[node] @ w.T
+        return out
     out = x * a
     for w, node in zip(update.weights, update.nodes, strict=True):
         if isinstance(w, Tensor):
@@ -188,6 +208,7 @@ def run_plan(
     times: Tensor,
     outputs: list[int],
     on_step: Callable[[int, Tensor], None] | None = None,
+    noise: Callable[[Update], Tensor | None] | None = None,
 ) -> list[Tensor]:
     """Execute ``plan`` from ``x0`` and return the states at the grid indices ``outputs`` (increasing).
 
@@ -195,10 +216,14 @@ def run_plan(
         nonlinear: ``(t, x) -> N(t, x)``; ``t`` is a 0-dim tensor of the state's real dtype.
         times: the grid on the state's device in the state's real dtype (what ``nonlinear`` receives).
         on_step: called as ``on_step(n, x_n)`` once per grid step, with the final ``x_n``.
+        noise: for stochastic methods (:mod:`deis_ode.solvers.stochastic`): ``noise(update)`` is added to the state
+            after each main update (``None`` adds nothing). Plans with a warm-up block are not supported.
 
     Raises:
         FloatingPointError: if N returned NaN or inf; names the first step and time where it did.
     """
+    if noise is not None and plan.block:
+        raise ValueError("run_plan: noise needs a plan without a warm-up block (warmup='lower_order')")
     values: dict[int, Tensor] = {}
     finite: list[Tensor] = []
     where: list[int] = []
@@ -237,6 +262,10 @@ def run_plan(
             on_step(update.source, x)
         evaluate(update.source, x)
         x = _apply(update, x, values)
+        if noise is not None:
+            increment = noise(update)
+            if increment is not None:
+                x = x + increment
         keep(update.target, x)
         for stale in [i for i in values if i <= update.target - plan.order]:
             del values[stale]

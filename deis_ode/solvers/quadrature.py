@@ -34,7 +34,11 @@ def _legendre_unit(n: int) -> tuple[Tensor, Tensor]:
 def smoothstep_nodes(a: Tensor, b: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Nodes ``tau_q`` in ``(a, b)`` and weights ``w_q`` with ``sum_q w_q f(tau_q) ~ int_a^b f``."""
     s, w = _legendre_unit(n)
-    tau = a + (b - a) * (s * s * (3.0 - 2.0 * s))
+    # measured from the nearer end, so that nodes next to an end keep full relative precision in their
+    # distance to it (an integrable singularity there is sampled at tau - end ~ 1e-11)
+    near_a = a + (b - a) * (s * s * (3.0 - 2.0 * s))
+    near_b = b - (b - a) * ((1.0 - s) ** 2 * (1.0 + 2.0 * s))
+    tau = torch.where(s < 0.5, near_a, near_b)
     return tau, w * (b - a) * (6.0 * s * (1.0 - s))
 
 
