@@ -1,0 +1,52 @@
+"""deis_ode: DEIS exponential multistep integrators for semi-linear ODEs, in torchdiffeq.
+
+``import deis_ode`` registers the methods ``deis1`` .. ``deis4`` in torchdiffeq, so that
+``torchdiffeq.odeint(ode, x0, t, method="deis3")`` integrates a :class:`SemiLinearODE`
+``dx/dt = L(t) x + W(t) N(t, x)`` with its linear part treated exactly.
+"""
+
+from . import reference, verify
+from .diffusion import (
+    VEODE,
+    VPODE,
+    ClassifierFreeGuidance,
+    DiffusionODE,
+    EDMSchedule,
+    FlowSchedule,
+    VESchedule,
+    VPSchedule,
+)
+from .forms import DiffusionForm, LinearForm
+from .semilinear import SemiLinearODE
+from .torchdiffeq import METHODS, register
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "METHODS",
+    "ClassifierFreeGuidance",
+    "DiffusionForm",
+    "DiffusionODE",
+    "EDMSchedule",
+    "FlowSchedule",
+    "LinearForm",
+    "SemiLinearODE",
+    "VEODE",
+    "VESchedule",
+    "VPODE",
+    "VPSchedule",
+    "reference",
+    "register",
+    "verify",
+]
+
+
+def __getattr__(name: str):
+    # The diffusers scheduler is imported on first use, so that ``import deis_ode`` works without diffusers.
+    if name == "DEISMultistepScheduler":
+        from .scheduler import DEISMultistepScheduler
+
+        return DEISMultistepScheduler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
