@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
+
+# The tests are dominated by tiny tensor operations, which run several times slower with an intra-op thread
+# pool on a small shared machine than on one thread; one thread also makes timings and results repeatable.
+torch.set_num_threads(1)
 
 settings.register_profile("dev", deadline=None, max_examples=50)
 settings.register_profile(
