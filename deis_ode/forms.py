@@ -76,6 +76,8 @@ class DiffusionForm:
         time_range: the closed interval of times on which the schedule is defined.
         t_of_half_log_snr: ``lambda -> t``, the exact inverse of ``half_log_snr``, or ``None`` when unknown.
             Only methods that evaluate ``N`` between grid points (the rho-Runge-Kutta variants) need it.
+        breakpoints: sorted times where the schedule is only piecewise smooth (the knots of an interpolated
+            discrete schedule), or ``None``; quadratures over ``t`` are split there.
     """
 
     log_scale: TimeFn
@@ -85,6 +87,7 @@ class DiffusionForm:
     d_half_log_snr: TimeFn
     time_range: tuple[float, float]
     t_of_half_log_snr: TimeFn | None = None
+    breakpoints: Tensor | None = None
 
     bases = ("t", "rho", "logrho")
 

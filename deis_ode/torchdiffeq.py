@@ -195,6 +195,9 @@ class DEISSolver:
             bad = (times < lo) | (times > hi)
             if bool(bad.any()):
                 raise ValueError(f"t = {times[bad][0].item():.8g} is outside the schedule's time range [{lo}, {hi}]")
+        check_grid = getattr(self.ode, "check_grid", None)  # the ODE's own conditions on a grid (diffusion drifts)
+        if check_grid is not None:
+            check_grid(times)
         real = self.y0.real.dtype if self.y0.is_complex() else self.y0.dtype
         t_state = times.to(device=self.y0.device, dtype=real)
         outputs = torch.searchsorted(grid, t.detach().to("cpu", torch.float64)).tolist()

@@ -35,44 +35,59 @@ def basis_of(schedule, basis, rho):
     order=st.integers(1, 4),
     basis=st.sampled_from(["t", "rho", "logrho"]),
     split=st.sampled_from(["eps", "x0"]),
-    family=st.sampled_from(["vp", "ve"]),
+    family=st.sampled_from(["vp", "ve", "discrete"]),
     extra=st.integers(0, 5),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_each_step_is_exact_for_a_polynomial_prediction(order, basis, split, family, extra, seed):
     rng = np.random.default_rng(seed)
-    schedule = VPSchedule.linear() if family == "vp" else VESchedule(0.02, 20.0)
+    # the discrete (diffusers DDPM) schedule is a cubic between training timesteps: its t basis is integrated
+    # piecewise between them
+    schedule = {"vp": VPSchedule.linear(), "ve": VESchedule(0.02, 20.0), "discrete": VPSchedule.diffusers()}[family]
+    start, end = (999.0, 50.0) if family == "discrete" else (1.0, 0.1)
     steps = order + extra
     h = rng.uniform(0.4, 2.5, size=steps)
-    times = torch.tensor(1.0 - 0.9 * np.concatenate([[0.0], np.cumsum(h) / h.sum()]), dtype=F64)  # 1 -> 0.1
+    times = torch.tensor(start - (start - end) * np.concatenate([[0.0], np.cumsum(h) / h.sum()]), dtype=F64)
     coef = rng.normal(size=order)
 
+    scale = start if basis == "t" else 1.0  # a polynomial in t / t_max keeps the terms of order one
+
     def q(u):
-        return sum(c * u**k for k, c in enumerate(coef))
+        return sum(c * (u / scale) ** k for k, c in enumerate(coef))
 
     def model(x, t):  # the prediction of the extrapolated kind, x-independent
         rho = float(torch.exp(-schedule.half_log_snr(t.double())))
         return torch.full_like(x, q(basis_of(schedule, basis, rho)))
 
-    cls = VPODE if family == "vp" else VEODE
+    cls = VEODE if family == "ve" else VPODE
     ode = cls(model, schedule, prediction=split, extrapolate=split)
     rho = torch.exp(-schedule.half_log_snr(times))
     alpha, sigma = schedule.alpha(times), schedule.sigma(times)
 
+    def piecewise_quad(f, a, b, clock):
+        """int_a^b f, split where the discrete schedule has knots (integer times) so each piece is smooth."""
+        lo, hi = sorted((float(times_of_clock(clock, a)), float(times_of_clock(clock, b))))
+        cuts = [a] + [clock(k) for k in np.arange(math.floor(lo) + 1, math.ceil(hi)) if family == "discrete"] + [b]
+        return sum(quad(f, c0, c1, epsrel=1e-13, epsabs=0)[0] for c0, c1 in zip(cuts[:-1], cuts[1:], strict=True))
+
+    def times_of_clock(clock, value):
+        lam = -math.log(value) if clock is rho_of else math.log(value)
+        return schedule.t_of_half_log_snr(torch.tensor(lam, dtype=F64))
+
+    def rho_of(k):
+        return float(torch.exp(-schedule.half_log_snr(torch.tensor(float(k), dtype=F64))))
+
+    def inv_rho_of(k):
+        return 1.0 / rho_of(k)
+
     def exact_step(i, j, x_i):
         """x(t_j) from x(t_i) = x_i in closed form."""
         if split == "eps":
-            integral = quad(
-                lambda r: q(basis_of(schedule, basis, r)), float(rho[i]), float(rho[j]), epsrel=1e-13, epsabs=0
-            )[0]
+            integral = piecewise_quad(lambda r: q(basis_of(schedule, basis, r)), float(rho[i]), float(rho[j]), rho_of)
             return alpha[j] * (x_i / alpha[i] + integral)
-        integral = quad(
-            lambda k: q(basis_of(schedule, basis, 1.0 / k)),
-            1.0 / float(rho[i]),
-            1.0 / float(rho[j]),
-            epsrel=1e-13,
-            epsabs=0,
-        )[0]
+        integral = piecewise_quad(
+            lambda k: q(basis_of(schedule, basis, 1.0 / k)), 1.0 / float(rho[i]), 1.0 / float(rho[j]), inv_rho_of
+        )
         return sigma[j] * (x_i / sigma[i] + integral)
 
     plan = build_plan(ode.exponential_form(), basis, times, order, "lower_order")

@@ -25,6 +25,7 @@ from ..forms import DiffusionForm
 from ..semilinear import SemiLinearODE
 from .predictions import check_prediction, conversion_coefficients
 from .schedules import NoiseSchedule, VESchedule, VPSchedule, as_float64
+from .thresholding import check_thresholding, threshold
 
 __all__ = ["DiffusionODE", "VEODE", "VPODE"]
 
@@ -46,6 +47,14 @@ class DiffusionODE(SemiLinearODE):
 
             * ``"eps"``: ``L = d log alpha / dt``, ``W = alpha d rho / dt``, ``N = eps`` (DEIS).
             * ``"x0"``: ``L = d log sigma / dt``, ``W = alpha d lambda / dt``, ``N = x0``.
+        thresholding: ``None`` (default), ``"dynamic"`` or ``"static"``: the model's data prediction ``x0`` is
+            thresholded (see :mod:`deis_ode.diffusion.thresholding`; the first dimension of ``x`` is the batch)
+            before it becomes ``N``: ``N`` is the thresholded ``x0`` (extrapolate ``"x0"``) or the noise
+            ``(x - alpha x0) / sigma`` recomputed from it (extrapolate ``"eps"``). This changes the ODE: ``forward``
+            and every solver see the thresholded drift.
+        dynamic_thresholding_ratio: the quantile of ``|x0|`` per sample used by ``"dynamic"`` (diffusers' name).
+        sample_max_value: the largest threshold: ``"static"`` clamps ``x0`` to ``[-sample_max_value,
+            sample_max_value]``; ``"dynamic"`` clamps its quantile to ``[1, sample_max_value]``.
 
     ``forward(t, x)`` is the full drift, so any torchdiffeq method integrates this object; the ``deis*`` methods
     use :meth:`exponential_form`. ``L`` and ``W`` are computed in float64 and returned in ``t``'s dtype.
@@ -60,6 +69,10 @@ class DiffusionODE(SemiLinearODE):
         schedule: NoiseSchedule,
         prediction: str = "eps",
         extrapolate: str = "eps",
+        *,
+        thresholding: str | None = None,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable (x, t) -> output, got {type(model).__name__}")
@@ -68,6 +81,7 @@ class DiffusionODE(SemiLinearODE):
         check_prediction(prediction)
         if extrapolate not in EXTRAPOLATE_TYPES:
             raise ValueError(f"extrapolate must be one of {EXTRAPOLATE_TYPES}, got {extrapolate!r}")
+        check_thresholding(thresholding, dynamic_thresholding_ratio, sample_max_value)
         super().__init__(
             linear=self._linear,
             nonlinear=self._nonlinear,
@@ -78,9 +92,18 @@ class DiffusionODE(SemiLinearODE):
         self.schedule = schedule
         self.prediction = prediction
         self.extrapolate = extrapolate
+        self.thresholding = thresholding
+        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
+        self.sample_max_value = float(sample_max_value)
 
     def extra_repr(self) -> str:
-        return f"schedule={self.schedule!r}, prediction={self.prediction!r}, extrapolate={self.extrapolate!r}"
+        text = f"schedule={self.schedule!r}, prediction={self.prediction!r}, extrapolate={self.extrapolate!r}"
+        if self.thresholding is not None:
+            text += f", thresholding={self.thresholding!r}"
+            if self.thresholding == "dynamic":
+                text += f", dynamic_thresholding_ratio={self.dynamic_thresholding_ratio!r}"
+            text += f", sample_max_value={self.sample_max_value!r}"
+        return text
 
     # --- the semi-linear split --------------------------------------------------------------------------------
 
@@ -95,13 +118,15 @@ class DiffusionODE(SemiLinearODE):
         return out.to(_float_dtype(t))
 
     def _weight(self, t: Tensor) -> Tensor:
-        """``W(t) = -sigma d lambda / dt`` (eps split) or ``alpha d lambda / dt`` (x0 split)."""
+        """``W(t) = -sigma d lambda / dt = sigma' - sigma d log alpha / dt`` (eps split) or
+        ``alpha d lambda / dt = alpha' - alpha d log sigma / dt`` (x0 split); the second forms stay finite where
+        ``sigma`` (eps split) or ``alpha`` (x0 split) vanishes."""
         t = torch.as_tensor(t)
         schedule = self.schedule
         if self.extrapolate == "eps":
-            out = -schedule.sigma(t) * schedule.d_half_log_snr(t)
+            out = schedule.d_sigma(t) - schedule.sigma(t) * schedule.d_log_alpha(t)
         else:
-            out = schedule.alpha(t) * schedule.d_half_log_snr(t)
+            out = schedule.d_alpha(t) - schedule.alpha(t) * schedule.d_log_sigma(t)
         return out.to(_float_dtype(t))
 
     def _linear_integral(self, t: Tensor, s: Tensor) -> Tensor:
@@ -110,7 +135,8 @@ class DiffusionODE(SemiLinearODE):
         return (self._log_scale(t) - self._log_scale(s)).to(_float_dtype(t))
 
     def _nonlinear(self, t: Tensor, x: Tensor) -> Tensor:
-        """``N(t, x)``: the model's output converted to the extrapolated prediction (eps or x0)."""
+        """``N(t, x)``: the model's output converted to the extrapolated prediction (eps or x0), through the
+        thresholded data prediction when ``thresholding`` is set."""
         t = torch.as_tensor(t)
         if t.numel() != 1:
             raise ValueError(f"t must be a single time, got shape {tuple(t.shape)}")
@@ -118,21 +144,48 @@ class DiffusionODE(SemiLinearODE):
         if not isinstance(output, Tensor) or output.shape != x.shape:
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
             raise ValueError(f"model(x, t) returned {shape}; expected a tensor of the state's shape {tuple(x.shape)}")
-        if self.prediction == self.extrapolate:
+        if self.thresholding is None:
+            return self._convert(t, x, output, self.prediction, self.extrapolate)
+        x0 = self._convert(t, x, output, self.prediction, "x0")
+        x0 = threshold(x0, self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value)
+        return self._convert(t, x, x0, "x0", self.extrapolate)
+
+    def _convert(self, t: Tensor, x: Tensor, output: Tensor, source: str, target: str) -> Tensor:
+        """``output``, a prediction of type ``source`` at ``(t, x)``, as a prediction of type ``target``."""
+        if source == target:
             return output
         t64 = as_float64(t).reshape(())
         schedule = self.schedule
         log_alpha, log_sigma = schedule.log_alpha(t64), schedule.log_sigma(t64)
         alpha, sigma = torch.exp(log_alpha), torch.exp(log_sigma)
         d_alpha = d_sigma = None
-        if self.prediction == "flow":
-            d_alpha = alpha * schedule.d_log_alpha(t64)
-            d_sigma = sigma * schedule.d_log_sigma(t64)
-        c_x, c_out = conversion_coefficients(self.prediction, self.extrapolate, alpha, sigma, d_alpha, d_sigma)
+        if source == "flow":  # the schedule's own derivatives stay finite where alpha or sigma is 0
+            d_alpha, d_sigma = schedule.d_alpha(t64), schedule.d_sigma(t64)
+        c_x, c_out = conversion_coefficients(source, target, alpha, sigma, d_alpha, d_sigma)
         c_out = c_out.to(device=x.device, dtype=x.dtype)
-        if self.prediction == "score" and self.extrapolate == "eps":  # eps = -sigma score: no x term
+        if source == "score" and target == "eps":  # eps = -sigma score: no x term
             return c_out * output
         return c_x.to(device=x.device, dtype=x.dtype) * x + c_out * output
+
+    def check_grid(self, times: Tensor) -> None:
+        """Raise ``ValueError`` if this split cannot be integrated over the grid ``times`` (float64, user times).
+
+        Every time must lie in the schedule's :attr:`~deis_ode.diffusion.NoiseSchedule.time_range`, and the eps
+        split needs ``alpha > 0`` at every grid time: its transition ``alpha_t / alpha_s`` and its clock
+        ``rho = sigma / alpha`` are singular where ``alpha = 0`` (pure noise, e.g. ``t = 1`` of a
+        :class:`~deis_ode.diffusion.FlowSchedule`). The x0 split has no such restriction.
+        """
+        times = as_float64(times).detach().reshape(-1).cpu()
+        self.schedule.check_times(times)
+        if self.extrapolate == "eps":
+            zero = torch.isneginf(self.schedule.log_alpha(times))
+            if bool(zero.any()):
+                t_bad = float(times[zero][0])
+                raise ValueError(
+                    f"extrapolate='eps' needs alpha > 0 at every grid time, but alpha = 0 at t = {t_bad!r} for "
+                    f"{self.schedule!r}; use extrapolate='x0', whose transition sigma_t / sigma_s stays finite "
+                    "where alpha = 0"
+                )
 
     # --- what the deis* methods read --------------------------------------------------------------------------
 
@@ -151,7 +204,25 @@ class DiffusionODE(SemiLinearODE):
             half_log_snr=schedule.half_log_snr,
             d_half_log_snr=schedule.d_half_log_snr,
             time_range=schedule.time_range,
+            t_of_half_log_snr=schedule.t_of_half_log_snr,
+            breakpoints=schedule.breakpoints,
         )
+
+    # --- stochastic sampling (see deis_ode.diffusion.sde) -----------------------------------------------------
+
+    def forward_sde(self):
+        """The forward (noising) SDE of the schedule as a torchsde module
+        (:class:`~deis_ode.diffusion.sde.ForwardDiffusionSDE`)."""
+        from .sde import ForwardDiffusionSDE
+
+        return ForwardDiffusionSDE(self.schedule)
+
+    def reverse_sde(self, eta: float = 1.0, *, shape=None):
+        """The reverse-time SDE with stochasticity ``eta`` (0: this probability-flow ODE, 1: the reverse SDE) in the
+        solver time ``s = -t``, a torchsde module: :class:`~deis_ode.diffusion.sde.ReverseDiffusionSDE`."""
+        from .sde import ReverseDiffusionSDE
+
+        return ReverseDiffusionSDE(self, eta, shape=shape)
 
 
 class VPODE(DiffusionODE):
@@ -161,10 +232,28 @@ class VPODE(DiffusionODE):
         TypeError: if ``schedule`` is not a :class:`~deis_ode.diffusion.VPSchedule`.
     """
 
-    def __init__(self, model: Model, schedule: VPSchedule, prediction: str = "eps", extrapolate: str = "eps") -> None:
+    def __init__(
+        self,
+        model: Model,
+        schedule: VPSchedule,
+        prediction: str = "eps",
+        extrapolate: str = "eps",
+        *,
+        thresholding: str | None = None,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+    ) -> None:
         if not isinstance(schedule, VPSchedule):
             raise TypeError(f"VPODE needs a VPSchedule (e.g. VPSchedule.linear()), got {type(schedule).__name__}")
-        super().__init__(model, schedule, prediction, extrapolate)
+        super().__init__(
+            model,
+            schedule,
+            prediction,
+            extrapolate,
+            thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            sample_max_value=sample_max_value,
+        )
 
 
 class VEODE(DiffusionODE):
@@ -174,10 +263,28 @@ class VEODE(DiffusionODE):
         TypeError: if ``schedule`` is not a :class:`~deis_ode.diffusion.VESchedule`.
     """
 
-    def __init__(self, model: Model, schedule: VESchedule, prediction: str = "eps", extrapolate: str = "eps") -> None:
+    def __init__(
+        self,
+        model: Model,
+        schedule: VESchedule,
+        prediction: str = "eps",
+        extrapolate: str = "eps",
+        *,
+        thresholding: str | None = None,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+    ) -> None:
         if not isinstance(schedule, VESchedule):
             raise TypeError(f"VEODE needs a VESchedule, got {type(schedule).__name__}")
-        super().__init__(model, schedule, prediction, extrapolate)
+        super().__init__(
+            model,
+            schedule,
+            prediction,
+            extrapolate,
+            thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            sample_max_value=sample_max_value,
+        )
 
 
 def _float_dtype(t: Tensor) -> torch.dtype:

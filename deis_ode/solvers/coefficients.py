@@ -222,7 +222,7 @@ def _diffusion_step(form: DiffusionForm, basis: str, t_a: Tensor, t_b: Tensor, n
     def kernel(tau: Tensor) -> Tensor:
         return s * form.d_half_log_snr(tau) * torch.exp(log_m_b + s * form.half_log_snr(tau))
 
-    return transition, _quadrature_weights(form, basis, kernel, t_a, t_b, u_a, h, theta)
+    return transition, _quadrature_weights(form, basis, kernel, t_a, t_b, u_a, h, theta, form.breakpoints)
 
 
 def matrix_phi_functions(a: Tensor, kmax: int) -> Tensor:
@@ -272,7 +272,9 @@ def _linear_step(form: LinearForm, basis: str, t_a: Tensor, t_b: Tensor, nodes: 
     return transition, _quadrature_weights(form, basis, kernel, t_a, t_b, u_a, h, theta)
 
 
-def _quadrature_weights(form, basis, kernel, t_a: Tensor, t_b: Tensor, u_a: Tensor, h: Tensor, theta: Tensor):
+def _quadrature_weights(
+    form, basis, kernel, t_a: Tensor, t_b: Tensor, u_a: Tensor, h: Tensor, theta: Tensor, breakpoints=None
+):
     """``C_j = int_{t_a}^{t_b} kernel(tau) l_j(theta(tau)) dtau`` by adaptive Gauss-Legendre quadrature."""
     a = lagrange_monomials(theta)
     powers = torch.arange(theta.numel(), dtype=F64)
@@ -285,4 +287,4 @@ def _quadrature_weights(form, basis, kernel, t_a: Tensor, t_b: Tensor, u_a: Tens
         return torch.tensordot(weighted.T, k, dims=1)
 
     what = f"the {basis}-basis weights on [{t_a.item():.6g}, {t_b.item():.6g}]"
-    return quadrature.integrate(integrand, t_a, t_b, what)
+    return quadrature.integrate(integrand, t_a, t_b, what, breakpoints)

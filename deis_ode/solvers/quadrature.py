@@ -42,7 +42,22 @@ def smoothstep_nodes(a: Tensor, b: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return tau, w * (b - a) * (6.0 * s * (1.0 - s))
 
 
-def integrate(integrand: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, what: str) -> Tensor:
+def composite_nodes(a: Tensor, b: Tensor, n: int, breakpoints: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`smoothstep_nodes` on each piece of ``[a, b]`` cut at the ``breakpoints`` strictly inside it."""
+    if breakpoints is None:
+        return smoothstep_nodes(a, b, n)
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    inside = breakpoints[(breakpoints > lo) & (breakpoints < hi)]
+    if inside.numel() == 0:
+        return smoothstep_nodes(a, b, n)
+    cuts = torch.cat([a.reshape(1), inside if b > a else inside.flip(0), b.reshape(1)])
+    pieces = [smoothstep_nodes(cuts[i], cuts[i + 1], n) for i in range(cuts.numel() - 1)]
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+
+
+def integrate(
+    integrand: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, what: str, breakpoints: Tensor | None = None
+) -> Tensor:
     """``int_a^b f(tau) dtau`` for a tensor-valued ``f``.
 
     Args:
@@ -50,13 +65,14 @@ def integrate(integrand: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tenso
             weighted sum to the caller lets it vectorise over the nodes.
         a, b: 0-dim float64 limits (``b < a`` allowed).
         what: a description of the integral for the error message.
+        breakpoints: sorted points where the integrand is only piecewise smooth; the interval is split there.
 
     Raises:
         RuntimeError: if no two consecutive node counts agree to ``RELATIVE_TOLERANCE``.
     """
     previous = None
     for n in NODE_COUNTS:
-        tau, w = smoothstep_nodes(a, b, n)
+        tau, w = composite_nodes(a, b, n, breakpoints)
         value = integrand(tau, w)
         if previous is not None:
             scale = value.detach().abs().max()
