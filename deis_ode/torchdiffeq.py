@@ -1,7 +1,7 @@
 """torchdiffeq adapter: the ``deis1`` .. ``deis4`` methods in torchdiffeq's solver registry.
 
 The paper's diffusion variants are registered too (options ``step_size`` and ``grid_constructor`` only; a
-diffusion drift with ``extrapolate="eps"`` is required): ``ipndm``, ``ipndm_v`` and ``deis_rk2`` .. ``deis_rk4``
+diffusion drift is required): ``ipndm``, ``ipndm_v`` and ``deis_rk2`` .. ``deis_rk4``
 (see :class:`DiffusionVariantSolver`).
 
 After ``import deis_ode``, ``torchdiffeq.odeint(ode, x0, t, method="deis3", options={...})`` integrates a
@@ -12,8 +12,8 @@ the user's own time, so the coefficients see the true schedule.
 
 Options (anything else raises ``ValueError``):
 
-* ``basis``: ``"t"`` (any ODE), ``"rho"`` or ``"logrho"`` (diffusion drifts); default ``"t"`` for generic
-  ODEs and ``"logrho"`` for diffusion drifts.
+* ``basis``: ``"t"`` (any ODE; the default), ``"rho"`` or ``"logrho"`` (diffusion drifts). On diffusion
+  drifts ``"t"`` was measured best (``benchmarks/defaults.py``; docs/diffusion.md).
 * ``warmup``: ``"lower_order"`` or ``"full_order"``; default from the ODE (``full_order`` for a generic
   :class:`~deis_ode.SemiLinearODE`, ``lower_order`` for diffusion drifts).
 * ``lower_order_final``: lower the order over the last K-1 steps (default ``False``).
@@ -25,6 +25,7 @@ Options (anything else raises ``ValueError``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -122,8 +123,7 @@ class DEISSolver:
         self.func = func
         self.ode, self.sign = unwrap(func, self.method)
         self.form = self.ode.exponential_form()
-        default_basis = "logrho" if isinstance(self.form, DiffusionForm) else "t"
-        self.basis = default_basis if basis is None else basis
+        self.basis = "t" if basis is None else basis
         if self.basis not in self.form.bases:
             raise ValueError(
                 f"option basis must be one of {list(self.form.bases)} for {type(self.ode).__name__}, got {basis!r}"
@@ -233,11 +233,23 @@ METHODS: dict[str, type[DEISSolver]] = {f"deis{k}": _make(k) for k in range(1, 5
 _VARIANT_OPTIONS = ("step_size", "grid_constructor")
 
 
+def _eps_from_x0(x0_prediction: Any, form: DiffusionForm) -> Any:
+    """``(t, x) -> eps = (x - alpha x0) / sigma`` from the x0 prediction of an x0-split drift (``form``)."""
+
+    def eps(t: Tensor, x: Tensor) -> Tensor:
+        t64 = t.to(torch.float64)
+        alpha = torch.exp(form.log_cofactor(t64)).to(x.dtype)
+        sigma = torch.exp(form.log_scale(t64)).to(x.dtype)
+        return (x - alpha * x0_prediction(t, x)) / sigma
+
+    return eps
+
+
 class DiffusionVariantSolver(DEISSolver):
     """Base class of the paper's diffusion variants (``ipndm``, ``ipndm_v``, ``deis_rk2..4``).
 
-    They integrate ``d(x / alpha) / d rho = eps`` and need a diffusion drift with ``extrapolate="eps"``
-    (``ValueError`` otherwise). Options: ``step_size`` and ``grid_constructor`` (as for ``deisK``); anything
+    They integrate ``d(x / alpha) / d rho = eps`` and need a diffusion drift (``ValueError`` otherwise); from an
+    x0-split drift they take ``eps = (x - alpha x0) / sigma``. Options: ``step_size`` and ``grid_constructor`` (as for ``deisK``); anything
     else raises ``ValueError``.
     """
 
@@ -258,6 +270,12 @@ class DiffusionVariantSolver(DEISSolver):
                 f"method {self.method!r}: unknown option(s) {unknown}; valid options are {list(_VARIANT_OPTIONS)}"
             )
         super().__init__(func, y0, step_size=step_size, grid_constructor=grid_constructor, **kwargs)
+        form = self.form
+        self._nonlinear = self.ode.nonlinear_part
+        if isinstance(form, DiffusionForm) and form.sign == 1:
+            # An x0-split drift describes the same ODE: integrate its eps split, with eps = (x - alpha x0) / sigma.
+            self.form = dataclasses.replace(form, log_scale=form.log_cofactor, log_cofactor=form.log_scale, sign=-1)
+            self._nonlinear = _eps_from_x0(self.ode.nonlinear_part, form)
         require_eps_diffusion(self.form, self.method)
 
 
@@ -270,7 +288,7 @@ class IPNDMSolver(DiffusionVariantSolver):
 
     def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
         plan = place_plan(build_ipndm_plan(self.form, times), self.y0)
-        return run_plan(plan, self.ode.nonlinear_part, self.y0, t_state, outputs, on_step)
+        return run_plan(plan, self._nonlinear, self.y0, t_state, outputs, on_step)
 
 
 class IPNDMVSolver(DiffusionVariantSolver):
@@ -282,7 +300,7 @@ class IPNDMVSolver(DiffusionVariantSolver):
 
     def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
         plan = place_plan(build_ipndm_v_plan(self.form, times), self.y0)
-        return run_plan(plan, self.ode.nonlinear_part, self.y0, t_state, outputs, on_step)
+        return run_plan(plan, self._nonlinear, self.y0, t_state, outputs, on_step)
 
 
 class RhoRKSolver(DiffusionVariantSolver):
@@ -291,7 +309,7 @@ class RhoRKSolver(DiffusionVariantSolver):
     def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
         plan = place_rho_rk_plan(build_rho_rk_plan(self.form, times, self.order), self.y0)
         stage_times = plan.stage_times.to(device=t_state.device, dtype=t_state.dtype)
-        return run_rho_rk(plan, self.ode.nonlinear_part, self.y0, stage_times, outputs, on_step)
+        return run_rho_rk(plan, self._nonlinear, self.y0, stage_times, outputs, on_step)
 
 
 def _make_rk(order: int) -> type[RhoRKSolver]:

@@ -182,7 +182,7 @@ def test_model_contract_dtype_and_registration(mixture) -> None:
     model.scale = nn.Parameter(torch.ones(()))
     ode = VPODE(model, schedule)
     assert ode.model is model and ode.schedule is schedule
-    assert (ode.prediction, ode.extrapolate) == ("eps", "eps")
+    assert (ode.prediction, ode.extrapolate) == ("eps", "x0")  # the x0 split is the default (docs/diffusion.md)
     assert ode.default_warmup == "lower_order" and VPODE.default_warmup == "lower_order"
     assert any(p is model.scale for p in ode.parameters())
     x32 = torch.randn(3, mixture.dim, dtype=torch.float32)
@@ -296,36 +296,40 @@ def test_deis1_is_ddim_in_float32(mixture, states) -> None:
 # Errors range over ~1e-8 .. 1e-2.
 
 CONVERGENCE_CASES = [
-    # (t_end, basis, (N1, N2))
-    (1e-3, "rho", (250, 500)),
-    (0.1, "t", (200, 400)),
-    (0.1, "logrho", (200, 400)),
+    # (split, t_end, basis, (N1, N2)); the x0 split's rho basis is checked on [1, 0.1] too (to 1e-3 it is still
+    # pre-asymptotic at 500 steps: slope 3.5 for deis4)
+    ("eps", 1e-3, "rho", (250, 500)),
+    ("eps", 0.1, "t", (200, 400)),
+    ("eps", 0.1, "logrho", (200, 400)),
+    ("x0", 0.1, "rho", (200, 400)),
+    ("x0", 0.1, "t", (200, 400)),
+    ("x0", 0.1, "logrho", (200, 400)),
 ]
 
 
 @pytest.fixture(scope="module")
 def convergence_setup(mixture):
     schedule = VPSchedule.linear(BETA_MIN, BETA_MAX)
-    ode = VPODE(GaussianMixtureEps(mixture, schedule), schedule)
+    odes = {split: VPODE(GaussianMixtureEps(mixture, schedule), schedule, extrapolate=split) for split in ("eps", "x0")}
     x_T = torch.randn(4, mixture.dim, generator=torch.Generator().manual_seed(0), dtype=F64)
     refs = {}
-    for t_end in {case[0] for case in CONVERGENCE_CASES}:
-        ref = deis_ode.reference.solve(ode, x_T, torch.tensor([1.0, t_end], dtype=F64), rtol=1e-12, atol=1e-12)
+    for t_end in {case[1] for case in CONVERGENCE_CASES}:
+        ref = deis_ode.reference.solve(odes["eps"], x_T, torch.tensor([1.0, t_end], dtype=F64), rtol=1e-12, atol=1e-12)
         refs[t_end] = ref.states[-1]
-    return ode, x_T, refs
+    return odes, x_T, refs
 
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
-@pytest.mark.parametrize(("t_end", "basis", "steps"), CONVERGENCE_CASES)
-def test_observed_order(convergence_setup, t_end: float, basis: str, steps: tuple[int, int], order: int) -> None:
-    ode, x_T, refs = convergence_setup
+@pytest.mark.parametrize(("split", "t_end", "basis", "steps"), CONVERGENCE_CASES)
+def test_observed_order(convergence_setup, split, t_end: float, basis: str, steps: tuple[int, int], order: int) -> None:
+    odes, x_T, refs = convergence_setup
     errors = []
     for n in steps:
         grid = torch.linspace(1.0, t_end, n + 1, dtype=F64)
         out = torchdiffeq.odeint(
-            ode, x_T, grid, method=f"deis{order}", options={"warmup": "full_order", "basis": basis}
+            odes[split], x_T, grid, method=f"deis{order}", options={"warmup": "full_order", "basis": basis}
         )
         errors.append(float((out[-1] - refs[t_end]).abs().max()))
     assert min(errors) > 1e-9, f"errors {errors} too close to the reference's accuracy"
     slope = math.log(errors[0] / errors[1]) / math.log(steps[1] / steps[0])
-    assert abs(slope - order) < 0.2, f"deis{order}, basis {basis}, t_end {t_end}: errors {errors}, slope {slope:.3f}"
+    assert abs(slope - order) < 0.2, f"deis{order} {split}, {basis}, t_end {t_end}: errors {errors}, slope {slope:.3f}"

@@ -55,7 +55,7 @@ def random_grid(n, t0=1.0, t1=0.1, seed=0):
 
 @pytest.fixture(scope="module")
 def mixture_problem():
-    ode = VPODE(GaussianMixtureEps(GaussianMixture.default(dim=4), SCHEDULE), SCHEDULE)
+    ode = VPODE(GaussianMixtureEps(GaussianMixture.default(dim=4), SCHEDULE), SCHEDULE, extrapolate="eps")
     x0 = torch.randn(8, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
     return ode, x0
 
@@ -108,7 +108,7 @@ def test_ipndm_v_second_step_has_the_variable_step_ab2_coefficients():
     """Integrating the line through (rho_{n-1}, eps_{n-1}), (rho_n, eps_n) over [rho_n, rho_{n+1}] gives the
     coefficients h_n (1 + r / 2) and -h_n r / 2, r = h_n / h_{n-1}, in x / alpha."""
     times = random_grid(6, seed=3)
-    plan = build_ipndm_v_plan(VPODE(lambda x, t: x, SCHEDULE).exponential_form(), times)
+    plan = build_ipndm_v_plan(VPODE(lambda x, t: x, SCHEDULE, extrapolate="eps").exponential_form(), times)
     rho, alpha = rho_of(times), SCHEDULE.alpha(times)
     update = plan.main[1]
     assert update.nodes == (1, 0)
@@ -120,7 +120,7 @@ def test_ipndm_v_second_step_has_the_variable_step_ab2_coefficients():
 
 
 def test_ipndm_uses_the_fixed_coefficients_and_agrees_with_ipndm_v_only_on_grids_uniform_in_rho():
-    form = VPODE(lambda x, t: x, SCHEDULE).exponential_form()
+    form = VPODE(lambda x, t: x, SCHEDULE, extrapolate="eps").exponential_form()
     for times, uniform in [(grid_in("rho")(9, 1.0, 0.1), True), (random_grid(9), False)]:
         fixed, variable = build_ipndm_plan(form, times), build_ipndm_v_plan(form, times)
         rho, alpha = rho_of(times), SCHEDULE.alpha(times)
@@ -138,7 +138,7 @@ def test_ipndm_is_exact_for_a_constant_noise_prediction():
     """The coefficients of every step sum to one DDIM weight, so a constant eps is integrated exactly on any grid:
     x(t) = alpha(t) (x_0 / alpha_0 + c (rho(t) - rho_0))."""
     c = 0.37
-    ode = VPODE(lambda x, t: torch.full_like(x, c), SCHEDULE)
+    ode = VPODE(lambda x, t: torch.full_like(x, c), SCHEDULE, extrapolate="eps")
     times = random_grid(11, seed=5)
     x0 = torch.tensor([0.5, -1.0], dtype=F64)
     for method in ("ipndm", "ipndm_v"):
@@ -187,7 +187,7 @@ def test_rho_runge_kutta_is_exact_for_a_polynomial_in_rho_of_degree_below_its_or
 
 
 def test_stage_times_are_where_rho_takes_its_stage_values():
-    form = VPODE(lambda x, t: x, SCHEDULE).exponential_form()
+    form = VPODE(lambda x, t: x, SCHEDULE, extrapolate="eps").exponential_form()
     times = random_grid(5, seed=2)
     plan = build_rho_rk_plan(form, times, 4)
     rho = rho_of(times)
@@ -227,15 +227,21 @@ def test_a_generic_semilinear_ode_is_rejected(method):
 
 
 @pytest.mark.parametrize("method", VARIANTS)
-def test_the_x0_split_is_rejected(method):
-    ode = VPODE(lambda x, t: x, SCHEDULE, prediction="x0", extrapolate="x0")
-    with pytest.raises(ValueError, match="extrapolate='eps'"):
-        torchdiffeq.odeint(ode, torch.ones(2, dtype=F64), torch.tensor([1.0, 0.1], dtype=F64), method=method)
+def test_an_x0_split_drift_gives_the_same_samples(method):
+    """The variants integrate the eps form; from an x0-split drift they take eps = (x - alpha x0) / sigma."""
+    model = lambda x, t: torch.sin(x) * (1 + t)  # noqa: E731
+    t = torch.linspace(1.0, 0.1, 7, dtype=F64)
+    x = torch.linspace(-1, 1, 6, dtype=F64).reshape(3, 2)
+    outs = [
+        torchdiffeq.odeint(VPODE(model, SCHEDULE, prediction="eps", extrapolate=split), x, t, method=method)
+        for split in ("eps", "x0")
+    ]
+    assert torch.allclose(outs[0], outs[1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", VARIANTS)
 def test_unknown_options_raise(method):
-    ode = VPODE(lambda x, t: x, SCHEDULE)
+    ode = VPODE(lambda x, t: x, SCHEDULE, extrapolate="eps")
     with pytest.raises(ValueError, match="unknown option"):
         torchdiffeq.odeint(
             ode, torch.ones(2, dtype=F64), torch.tensor([1.0, 0.1], dtype=F64), method=method, options={"basis": "rho"}
@@ -249,13 +255,15 @@ def test_plan_builders_reject_other_forms_directly():
         with pytest.raises(ValueError, match="diffusion drift"):
             build(form, times)
     with pytest.raises(ValueError, match="orders"):
-        build_rho_rk_plan(VPODE(lambda x, t: x, SCHEDULE).exponential_form(), times, 5)
+        build_rho_rk_plan(VPODE(lambda x, t: x, SCHEDULE, extrapolate="eps").exponential_form(), times, 5)
 
 
 def test_rho_runge_kutta_needs_the_inverse_schedule():
     import dataclasses
 
-    form = dataclasses.replace(VPODE(lambda x, t: x, SCHEDULE).exponential_form(), t_of_half_log_snr=None)
+    form = dataclasses.replace(
+        VPODE(lambda x, t: x, SCHEDULE, extrapolate="eps").exponential_form(), t_of_half_log_snr=None
+    )
     with pytest.raises(ValueError, match="inverse"):
         build_rho_rk_plan(form, random_grid(3), 3)
     build_rho_rk_plan(form, random_grid(3), 2)  # Heun's stages are grid points: no inverse needed
@@ -296,7 +304,7 @@ def test_non_finite_noise_prediction_is_reported_once_with_its_time(method):
     def model(x, t):
         return x * torch.where(t < 0.5, torch.nan, 1.0)
 
-    ode = VPODE(model, SCHEDULE)
+    ode = VPODE(model, SCHEDULE, extrapolate="eps")
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         torchdiffeq.odeint(
             ode,
