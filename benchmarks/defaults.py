@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             "deis3",
             timesteps(problem.schedule, nfe, t_start=problem.t_start, t_end=problem.t_end),
             "defaults",
-            odes["eps"],
+            VPODE(problem.model, problem.schedule),  # the drift's defaults too
             {},
         )
         default.method = "deis3 (all defaults)"
