@@ -249,8 +249,8 @@ class DiffusionVariantSolver(DEISSolver):
     """Base class of the paper's diffusion variants (``ipndm``, ``ipndm_v``, ``deis_rk2..4``).
 
     They integrate ``d(x / alpha) / d rho = eps`` and need a diffusion drift (``ValueError`` otherwise); from an
-    x0-split drift they take ``eps = (x - alpha x0) / sigma``. Options: ``step_size`` and ``grid_constructor`` (as for ``deisK``); anything
-    else raises ``ValueError``.
+    x0-split drift they take ``eps = (x - alpha x0) / sigma``. Options: ``step_size`` and ``grid_constructor`` (as
+    for ``deisK``); anything else raises ``ValueError``.
     """
 
     method: str  # the registered name (shadows DEISSolver.method)
@@ -285,22 +285,19 @@ class IPNDMSolver(DiffusionVariantSolver):
 
     method = "ipndm"
     order = 4
+    build = staticmethod(build_ipndm_plan)
 
     def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
-        plan = place_plan(build_ipndm_plan(self.form, times), self.y0)
+        plan = place_plan(self.build(self.form, times), self.y0)
         return run_plan(plan, self._nonlinear, self.y0, t_state, outputs, on_step)
 
 
-class IPNDMVSolver(DiffusionVariantSolver):
+class IPNDMVSolver(IPNDMSolver):
     """Variable-step iPNDM: Adams-Bashforth in rho with the coefficients of the actual steps, lower-order start;
     identical to ``deis4`` with ``basis="rho"``, ``warmup="lower_order"``. 1 evaluation per step."""
 
     method = "ipndm_v"
-    order = 4
-
-    def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
-        plan = place_plan(build_ipndm_v_plan(self.form, times), self.y0)
-        return run_plan(plan, self._nonlinear, self.y0, t_state, outputs, on_step)
+    build = staticmethod(build_ipndm_v_plan)
 
 
 class RhoRKSolver(DiffusionVariantSolver):
