@@ -185,7 +185,8 @@ def place_plan(plan: Plan, like: Tensor) -> Plan:
     return plan
 
 
-def _apply(update: Update, x: Tensor, values: dict[int, Tensor]) -> Tensor:
+def apply_update(update: Update, x: Tensor, values: dict[int, Tensor]) -> Tensor:
+    """``transition * x + sum_j weights[j] * values[nodes[j]]``: one step of a plan, fused where autograd allows."""
     a = update.transition
     if update.matrix:
         out = x @ a.T
@@ -246,12 +247,12 @@ def run_plan(
     if plan.block:
         for update in plan.start:
             evaluate(update.source, states[update.source])
-            states[update.target] = _apply(update, states[update.source], values)
+            states[update.target] = apply_update(update, states[update.source], values)
         for _ in range(plan.sweeps):
             for update in plan.block:
                 evaluate(update.target, states[update.target])
             for update in plan.block:
-                states[update.target] = _apply(update, states[update.source], values)
+                states[update.target] = apply_update(update, states[update.source], values)
         for update in plan.block:
             if on_step is not None:
                 on_step(update.source, states[update.source])
@@ -261,7 +262,7 @@ def run_plan(
         if on_step is not None:
             on_step(update.source, x)
         evaluate(update.source, x)
-        x = _apply(update, x, values)
+        x = apply_update(update, x, values)
         if noise is not None:
             increment = noise(update)
             if increment is not None:

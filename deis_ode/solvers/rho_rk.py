@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..forms import ExponentialForm
 from .ipndm import require_eps_diffusion
-from .multistep import Update, _apply, _place
+from .multistep import Update, _place, apply_update
 
 F64 = torch.float64
 
@@ -192,12 +192,12 @@ def run_rho_rk(
             on_step(step.source, x)
         values: dict[int, Tensor] = {}
         for i, stage in enumerate(step.stages):
-            x_stage = x if stage is None else _apply(stage, x, values)
+            x_stage = x if stage is None else apply_update(stage, x, values)
             k = nonlinear(stage_times[e], x_stage)
             values[i] = k
             finite.append(torch.isfinite(k).all())
             e += 1
-        x = _apply(step.final, x, values)
+        x = apply_update(step.final, x, values)
         if step.target in wanted:
             results[step.target] = x
 
