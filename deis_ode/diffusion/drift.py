@@ -62,6 +62,8 @@ class DiffusionODE(SemiLinearODE):
 
     #: Diffusion sampling counts model calls: the lower-order warm-up costs none.
     default_warmup: str = "lower_order"
+    #: The schedules this drift accepts (subclasses narrow it).
+    schedule_type: type = NoiseSchedule
 
     def __init__(
         self,
@@ -76,8 +78,10 @@ class DiffusionODE(SemiLinearODE):
     ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable (x, t) -> output, got {type(model).__name__}")
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if not isinstance(schedule, self.schedule_type):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.schedule_type.__name__}, got {type(schedule).__name__}"
+            )
         check_prediction(prediction)
         if extrapolate not in EXTRAPOLATE_TYPES:
             raise ValueError(f"extrapolate must be one of {EXTRAPOLATE_TYPES}, got {extrapolate!r}")
@@ -229,31 +233,10 @@ class VPODE(DiffusionODE):
     """:class:`DiffusionODE` for a variance-preserving schedule (``alpha^2 + sigma^2 = 1``).
 
     Raises:
-        TypeError: if ``schedule`` is not a :class:`~deis_ode.diffusion.VPSchedule`.
+        TypeError: if ``schedule`` is not a :class:`~deis_ode.diffusion.VPSchedule` (e.g. ``VPSchedule.linear()``).
     """
 
-    def __init__(
-        self,
-        model: Model,
-        schedule: VPSchedule,
-        prediction: str = "eps",
-        extrapolate: str = "x0",
-        *,
-        thresholding: str | None = None,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-    ) -> None:
-        if not isinstance(schedule, VPSchedule):
-            raise TypeError(f"VPODE needs a VPSchedule (e.g. VPSchedule.linear()), got {type(schedule).__name__}")
-        super().__init__(
-            model,
-            schedule,
-            prediction,
-            extrapolate,
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value,
-        )
+    schedule_type = VPSchedule
 
 
 class VEODE(DiffusionODE):
@@ -263,28 +246,7 @@ class VEODE(DiffusionODE):
         TypeError: if ``schedule`` is not a :class:`~deis_ode.diffusion.VESchedule`.
     """
 
-    def __init__(
-        self,
-        model: Model,
-        schedule: VESchedule,
-        prediction: str = "eps",
-        extrapolate: str = "x0",
-        *,
-        thresholding: str | None = None,
-        dynamic_thresholding_ratio: float = 0.995,
-        sample_max_value: float = 1.0,
-    ) -> None:
-        if not isinstance(schedule, VESchedule):
-            raise TypeError(f"VEODE needs a VESchedule, got {type(schedule).__name__}")
-        super().__init__(
-            model,
-            schedule,
-            prediction,
-            extrapolate,
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-            sample_max_value=sample_max_value,
-        )
+    schedule_type = VESchedule
 
 
 def _float_dtype(t: Tensor) -> torch.dtype:
