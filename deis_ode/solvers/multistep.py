@@ -72,6 +72,11 @@ class Plan:
         return len(self.start) + self.sweeps * len(self.block) + len(self.main)
 
 
+def round_sig(value: float, digits: int = 12) -> float:
+    """``value`` rounded to ``digits`` significant digits."""
+    return float(f"{value:.{digits - 1}e}")
+
+
 class _CoefficientCache:
     """Reuses coefficients across steps of identical geometry when they depend on nothing else
     (constant L, W = 1, basis t): a uniform grid then costs K+1 distinct computations."""
@@ -87,18 +92,25 @@ class _CoefficientCache:
             and not lin.requires_grad
         )
         self.table: dict = {}
+        self._grid: list[float] | None = None  # the grid as Python floats, for cheap keys (one cache per grid)
 
     def __call__(self, times: Tensor, source: int, target: int, nodes: tuple[int, ...]):
-        t_a, t_b = times[source], times[target]
-        node_t = times[list(nodes)]
+        def compute():
+            return self._split(
+                step_coefficients(self.form, self.basis, times[source], times[target], times[list(nodes)])
+            )
+
         if not self.enabled:
-            return self._split(step_coefficients(self.form, self.basis, t_a, t_b, node_t))
-        h = (t_b - t_a).item()
+            return compute()
+        if self._grid is None:
+            self._grid = times.tolist()
+        grid = self._grid
+        h = grid[target] - grid[source]
         # 12 significant digits: steps of a linspace grid that differ only by round-off share one entry; the
         # reused coefficients belong to a grid moved by at most 5e-13 of a step, far below any truncation error
-        key = (float(f"{h:.11e}"), tuple(float(f"{v:.11e}") for v in ((node_t - t_a) / h).tolist()))
+        key = (round_sig(h), tuple(round_sig((grid[i] - grid[source]) / h) for i in nodes))
         if key not in self.table:
-            self.table[key] = self._split(step_coefficients(self.form, self.basis, t_a, t_b, node_t))
+            self.table[key] = compute()
         return self.table[key]
 
     @staticmethod

@@ -52,13 +52,18 @@ def phi_functions(z: Tensor, kmax: int) -> Tensor:
     out = [torch.exp(z)]
     if kmax == 0:
         return torch.stack(out)
-    # Power series, Horner form, for |z| < 1.
-    series = []
-    for k in range(1, kmax + 1):
-        acc = torch.full_like(z_series, 1.0 / math.factorial(SERIES_TERMS + k))
-        for m in range(SERIES_TERMS - 1, -1, -1):
-            acc = acc * z_series + 1.0 / math.factorial(m + k)
-        series.append(acc)
+    # Power series for |z| < 1, all k at once: phi_k = sum_m z^m / (m + k)!, the powers z^m computed once and
+    # combined by one contraction (summed from the smallest terms up, as Horner's rule would).
+    powers = [torch.ones_like(z_series)]
+    for _ in range(SERIES_TERMS):
+        powers.append(powers[-1] * z_series)
+    powers = torch.stack(powers[::-1])  # z^M, ..., z^0
+    table = torch.tensor(
+        [[1.0 / math.factorial(m + k) for m in range(SERIES_TERMS, -1, -1)] for k in range(1, kmax + 1)],
+        dtype=powers.real.dtype,
+        device=z.device,
+    ).to(powers.dtype)
+    series = torch.tensordot(table, powers, dims=1).unbind(0)
     # Recurrence for |z| >= 1.
     rec = [_expm1(z_large) / z_large]
     for k in range(1, kmax):
