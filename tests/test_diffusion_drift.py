@@ -333,3 +333,29 @@ def test_observed_order(convergence_setup, split, t_end: float, basis: str, step
     assert min(errors) > 1e-9, f"errors {errors} too close to the reference's accuracy"
     slope = math.log(errors[0] / errors[1]) / math.log(steps[1] / steps[0])
     assert abs(slope - order) < 0.2, f"deis{order} {split}, {basis}, t_end {t_end}: errors {errors}, slope {slope:.3f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clear errors at the boundary of a diffusion solve
+
+
+def _drift(model):
+    return VPODE(model, VPSchedule.linear())
+
+
+def test_sampling_outside_the_schedules_range_names_the_time():
+    ode = _drift(lambda x, t: torch.zeros_like(x))
+    with pytest.raises(ValueError, match=r"t = 1\.5 is outside"):
+        torchdiffeq.odeint(ode, torch.ones(2, 3), torch.tensor([1.5, 0.5], dtype=F64), method="deis2")
+
+
+def test_a_model_output_of_the_wrong_shape_is_named():
+    ode = _drift(lambda x, t: torch.zeros(x.shape[0]))
+    with pytest.raises(ValueError, match="shape"):
+        torchdiffeq.odeint(ode, torch.ones(2, 3), torch.tensor([1.0, 0.5], dtype=F64), method="deis2")
+
+
+def test_nan_from_the_model_names_step_and_time():
+    ode = _drift(lambda x, t: torch.where(t < 0.55, torch.full_like(x, float("nan")), torch.zeros_like(x)))
+    with pytest.raises(FloatingPointError, match=r"grid step 2 \(t = 0\.5"):
+        torchdiffeq.odeint(ode, torch.ones(2, 3), torch.linspace(1.0, 0.25, 4, dtype=F64), method="deis3")
