@@ -18,6 +18,7 @@ from .diffusion import (
 )
 from .forms import DiffusionForm, LinearForm
 from .semilinear import SemiLinearODE
+from .solvers.stochastic import sdeint
 from .torchdiffeq import METHODS, register
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "VPSchedule",
     "reference",
     "register",
+    "sdeint",
     "verify",
 ]
 

@@ -154,4 +154,7 @@ def test_forced_linear_property(a, x0, t0, span):
     sol = reference.solve(forced_linear(a), x, t)
     expected = forced_linear_exact(a, x, t0, t)
     scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(sol.states, expected, rtol=0, atol=1e-9 * scale)
+    # scipy controls the local error; the problem amplifies it by up to exp(|a span|) (integrating a decaying
+    # mode backwards), which no integrator avoids
+    growth = math.exp(abs(a * span))
+    torch.testing.assert_close(sol.states, expected, rtol=0, atol=1e-9 * scale * growth)

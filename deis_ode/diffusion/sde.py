@@ -243,12 +243,11 @@ class ReverseDiffusionSDE(nn.Module):
         schedule = self.schedule
         eta2 = self.eta**2
         if self.drift.extrapolate == "x0":
-            sign = 1.0 + eta2
             log_cofactor = schedule.log_alpha
-            if eta2 == 0.0:
-                log_scale = schedule.log_sigma
-                sign = 1
+            if eta2 == 0.0:  # exactly the drift's form (and no 0 * inf where lambda is infinite)
+                log_scale, sign = schedule.log_sigma, 1
             else:
+                sign = 1.0 + eta2
 
                 def log_scale(t: Tensor) -> Tensor:
                     return schedule.log_sigma(t) - eta2 * schedule.half_log_snr(t)
