@@ -27,7 +27,7 @@ loop applies it with one fused linear combination per step on the state's device
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -181,9 +181,10 @@ def _place(value: Tensor, like: Tensor):
     return value.to(device=like.device, dtype=dtype)
 
 
-def place_plan(plan: Plan, like: Tensor) -> Plan:
-    """Move every coefficient of ``plan`` to the device and dtype of the state ``like`` (in place)."""
-    placed: dict[int, object] = {}  # steps that share a cached coefficient share one placed copy
+def place_updates(updates: Iterable[Update], like: Tensor) -> None:
+    """Move the coefficients of ``updates`` to the device and dtype of the state ``like`` (in place); updates that
+    share a cached coefficient share one placed copy."""
+    placed: dict[int, object] = {}
 
     def place(value: Tensor):
         key = id(value)
@@ -191,10 +192,26 @@ def place_plan(plan: Plan, like: Tensor) -> Plan:
             placed[key] = (_place(value, like), value)  # keep value alive so that its id stays unique
         return placed[key][0]
 
-    for update in plan.start + plan.block + plan.main:
+    for update in updates:
         update.transition = place(update.transition)
         update.weights = [place(w) for w in update.weights]
+
+
+def place_plan(plan: Plan, like: Tensor) -> Plan:
+    """Move every coefficient of ``plan`` to the device and dtype of the state ``like`` (in place)."""
+    place_updates(plan.start + plan.block + plan.main, like)
     return plan
+
+
+def first_non_finite(flags: list[Tensor]) -> int | None:
+    """The index of the first ``False`` among per-evaluation finiteness flags (device booleans), or ``None``: the
+    loop's single host synchronisation, after the loop."""
+    if not flags:
+        return None
+    stacked = torch.stack(flags)
+    if bool(stacked.all()):
+        return None
+    return int(torch.nonzero(~stacked)[0, 0])
 
 
 def apply_update(update: Update, x: Tensor, values: dict[int, Tensor]) -> Tensor:
@@ -283,8 +300,8 @@ def run_plan(
         for stale in [i for i in values if i <= update.target - plan.order]:
             del values[stale]
 
-    if finite and not bool(torch.stack(finite).all()):
-        first = int(torch.nonzero(~torch.stack(finite))[0, 0])
+    first = first_non_finite(finite)
+    if first is not None:
         i = where[first]
         raise FloatingPointError(
             f"the nonlinear part N(t, x) returned NaN or inf at grid step {i} (t = {times[i].item():.8g}); "

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..forms import ExponentialForm
 from .ipndm import require_eps_diffusion
-from .multistep import Update, _place, apply_update
+from .multistep import Update, apply_update, first_non_finite, place_updates
 
 F64 = torch.float64
 
@@ -157,10 +157,7 @@ def build_rho_rk_plan(form: ExponentialForm, times: Tensor, order: int) -> RKPla
 
 def place_rho_rk_plan(plan: RKPlan, like: Tensor) -> RKPlan:
     """Move every coefficient of ``plan`` to the device and dtype of the state ``like`` (in place)."""
-    for step in plan.steps:
-        for update in [*(s for s in step.stages if s is not None), step.final]:
-            update.transition = _place(update.transition, like)
-            update.weights = [_place(w, like) for w in update.weights]
+    place_updates([u for step in plan.steps for u in (*(s for s in step.stages if s is not None), step.final)], like)
     return plan
 
 
@@ -201,8 +198,8 @@ def run_rho_rk(
         if step.target in wanted:
             results[step.target] = x
 
-    if finite and not bool(torch.stack(finite).all()):
-        first = int(torch.nonzero(~torch.stack(finite))[0, 0])
+    first = first_non_finite(finite)
+    if first is not None:
         n, i = divmod(first, plan.stages)
         raise FloatingPointError(
             f"the noise prediction eps(t, x) returned NaN or inf at grid step {n}, stage {i} "
