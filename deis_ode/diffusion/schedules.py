@@ -68,6 +68,18 @@ class NoiseSchedule(ABC):
     ``lambda(t) = log(alpha_t / sigma_t)`` must be strictly decreasing on :attr:`time_range`.
     """
 
+    def _parameters(self) -> tuple:
+        """The values that define this schedule among those of its class (equality and hashing use them)."""
+        return (id(self),)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._parameters() == other._parameters()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, *self._parameters()))
+
     # --- the primitives ---------------------------------------------------------------------------------------
 
     @property
@@ -287,13 +299,8 @@ class LinearVPSchedule(VPSchedule):
     def __repr__(self) -> str:
         return f"VPSchedule.linear(beta_min={self.beta_min!r}, beta_max={self.beta_max!r})"
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, LinearVPSchedule):
-            return NotImplemented
-        return (self.beta_min, self.beta_max) == (other.beta_min, other.beta_max)
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self.beta_min, self.beta_max))
+    def _parameters(self) -> tuple:
+        return (self.beta_min, self.beta_max)
 
     @property
     def time_range(self) -> tuple[float, float]:
@@ -354,13 +361,8 @@ class VESchedule(NoiseSchedule):
     def __repr__(self) -> str:
         return f"VESchedule(sigma_min={self.sigma_min!r}, sigma_max={self.sigma_max!r})"
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, VESchedule):
-            return NotImplemented
-        return (self.sigma_min, self.sigma_max) == (other.sigma_min, other.sigma_max)
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self.sigma_min, self.sigma_max))
+    def _parameters(self) -> tuple:
+        return (self.sigma_min, self.sigma_max)
 
     @property
     def time_range(self) -> tuple[float, float]:
@@ -466,13 +468,8 @@ class DiscreteVPSchedule(VPSchedule):
             f"{float(self.alphas_cumprod[-1]):.6g}>)"
         )
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, DiscreteVPSchedule):
-            return NotImplemented
-        return self._n == other._n and bool(torch.equal(self.alphas_cumprod, other.alphas_cumprod))
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self._n, self.alphas_cumprod.numpy().tobytes()))
+    def _parameters(self) -> tuple:
+        return (self.alphas_cumprod.numpy().tobytes(),)
 
     @property
     def breakpoints(self) -> Tensor:
@@ -652,13 +649,8 @@ class CosineVPSchedule(VPSchedule):
     def __repr__(self) -> str:
         return f"VPSchedule.cosine(s={self.s!r}, lambda_min={self.lambda_min!r})"
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, CosineVPSchedule):
-            return NotImplemented
-        return (self.s, self.lambda_min) == (other.s, other.lambda_min)
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self.s, self.lambda_min))
+    def _parameters(self) -> tuple:
+        return (self.s, self.lambda_min)
 
     @property
     def time_range(self) -> tuple[float, float]:
@@ -766,13 +758,8 @@ class EDMSchedule(NoiseSchedule):
     def __repr__(self) -> str:
         return f"EDMSchedule(sigma_min={self.sigma_min!r}, sigma_max={self.sigma_max!r})"
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, EDMSchedule):
-            return NotImplemented
-        return (self.sigma_min, self.sigma_max) == (other.sigma_min, other.sigma_max)
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self.sigma_min, self.sigma_max))
+    def _parameters(self) -> tuple:
+        return (self.sigma_min, self.sigma_max)
 
     @property
     def time_range(self) -> tuple[float, float]:
@@ -857,13 +844,8 @@ class FlowSchedule(NoiseSchedule):
     def __repr__(self) -> str:
         return f"FlowSchedule(shift={self.shift!r})"
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, FlowSchedule):
-            return NotImplemented
-        return self.shift == other.shift
-
-    def __hash__(self) -> int:
-        return hash((type(self).__name__, self.shift))
+    def _parameters(self) -> tuple:
+        return (self.shift,)
 
     @property
     def time_range(self) -> tuple[float, float]:
