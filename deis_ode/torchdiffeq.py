@@ -206,10 +206,9 @@ class DEISSolver:
         dts = grid_state[1:] - grid_state[:-1]
 
         def on_step(n: int, x: Tensor) -> None:
-            if callback is not None:
-                callback(grid_state[n], x, dts[n])
+            callback(grid_state[n], x, dts[n])
 
-        states = self._solve(times, t_state, outputs, on_step)
+        states = self._solve(times, t_state, outputs, on_step if callback is not None else None)
         return torch.stack(states)
 
     def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:

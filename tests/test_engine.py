@@ -1,8 +1,11 @@
 """The stepping loop: no host synchronisation per step, coefficient reuse, evaluation bookkeeping."""
 
 import contextlib
+import math
 
+import pytest
 import torch
+import torchdiffeq
 
 from deis_ode import VPODE, SemiLinearODE, VPSchedule
 from deis_ode.diffusion import GaussianMixture, GaussianMixtureEps
@@ -75,3 +78,71 @@ def test_plan_counts_and_orders():
     plan = build_plan(ode.exponential_form(), "t", times, 4, "full_order")
     assert plan.evaluations == 10 + 9
     assert [len(u.nodes) for u in plan.main] == [4] * 7
+
+
+def _poisoned(lin, bad_from: float, value: float):
+    """``N = sin(x)``, except ``value`` (NaN or inf) in one entry from time ``bad_from`` on."""
+
+    def nonlinear(t, x):
+        out = torch.sin(x)
+        if float(t) >= bad_from - 1e-6:  # t arrives in the state's precision
+            out = out.clone()
+            out.reshape(-1)[-1] = value
+        return out
+
+    return SemiLinearODE(lin, nonlinear)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("warmup", ["lower_order", "full_order"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
+def test_non_finite_nonlinear_part_is_located_at_every_step(order, warmup, dtype):
+    # the fused loop checks N in groups of K evaluations: every position in a group, and the final partial
+    # group, must be reported at its own grid step
+    lin = torch.tensor([-1.0, -30.0, -0.5], dtype=F64)
+    steps = 11
+    times = torch.linspace(0, 1, steps + 1, dtype=F64)
+    first_main = order - 1 if warmup == "full_order" else 0
+    for bad in range(first_main, steps):
+        for value in (math.nan, math.inf):
+            ode = _poisoned(lin, float(times[bad]), value)
+            with pytest.raises(FloatingPointError, match=rf"grid step {bad} \("):
+                torchdiffeq.odeint(
+                    ode,
+                    torch.ones(2, 3, dtype=dtype),
+                    times[[0, -1]],
+                    method=f"deis{order}",
+                    options={"warmup": warmup, "step_size": 1 / steps},
+                )
+
+
+def test_finite_but_huge_float32_values_are_not_reported():
+    # each entry of N near the float32 maximum: their float32 sum would overflow, the check sums in float64
+    lin = torch.tensor(-1.0, dtype=F64)
+    big = 3e38
+    ode = SemiLinearODE(lin, lambda t, x: torch.full_like(x, big))
+    out = torchdiffeq.odeint(
+        ode,
+        torch.zeros(64, dtype=torch.float32),
+        torch.tensor([0.0, 0.01], dtype=F64),
+        method="deis3",
+        options={"step_size": 0.001},
+    )
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("lower_order_final", [False, True])
+def test_fused_loop_equals_the_unfused_update(order, lower_order_final):
+    # with autograd tracking the state, the engine takes the unfused path (one update at a time); without, the
+    # fused buffer. Both compute the same sums of the same float64 coefficients.
+    lin = torch.tensor([-1.0, -300.0, 2.0j], dtype=torch.complex128)
+    ode = SemiLinearODE(lin, lambda t, x: torch.sin(x) * torch.cos(t))
+    x0 = torch.tensor([0.3, -1.0, 0.5 + 0.25j], dtype=torch.complex128)
+    times = torch.cat([torch.linspace(0, 0.5, 9, dtype=F64), torch.linspace(0.5, 1, 4, dtype=F64)[1:] ** 1.1])
+    for warmup in ("lower_order", "full_order"):
+        options = {"warmup": warmup, "lower_order_final": lower_order_final}
+        fused = torchdiffeq.odeint(ode, x0, times, method=f"deis{order}", options=options)
+        tracked = torchdiffeq.odeint(ode, x0.clone().requires_grad_(), times, method=f"deis{order}", options=options)
+        assert tracked.requires_grad and not fused.requires_grad
+        torch.testing.assert_close(fused, tracked.detach(), rtol=1e-14, atol=1e-15)

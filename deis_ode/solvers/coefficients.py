@@ -38,7 +38,11 @@ F64 = torch.float64
 
 def lagrange_monomials(theta: Tensor) -> Tensor:
     """Monomial coefficients ``a[j, k]`` of the Lagrange basis ``l_j(x) = sum_k a[j, k] x^k`` through
-    the distinct nodes ``theta`` (1-D, float64), built as products of linear factors."""
+    the distinct nodes ``theta`` (1-D, float64), built as products of linear factors
+    ``(x - theta_i) / (theta_j - theta_i)``. Differentiable when ``theta`` requires grad."""
+    if not theta.requires_grad:
+        # the same products in Python floats: a few hundred flops, for which tensor operations cost far more
+        return torch.tensor(_lagrange_rows(theta.tolist()), dtype=F64).reshape(theta.numel(), theta.numel())
     theta = theta.to(F64)
     n = theta.numel()
     rows = []
@@ -48,13 +52,29 @@ def lagrange_monomials(theta: Tensor) -> Tensor:
         for i in range(n):
             if i == j:
                 continue
-            # poly *= (x - theta_i) / (theta_j - theta_i)
             shifted = torch.cat([torch.zeros(1, dtype=F64), poly[:-1]])
             poly = (shifted - theta[i] * poly) / (theta[j] - theta[i])
         rows.append(poly)
     return torch.stack(rows)
 
 
+def _lagrange_rows(theta: list[float]) -> list[list[float]]:
+    """:func:`lagrange_monomials` for nodes given as Python floats."""
+    n = len(theta)
+    rows = []
+    for j in range(n):
+        poly = [1.0] + [0.0] * (n - 1)
+        for i in range(n):
+            if i == j:
+                continue
+            d = theta[j] - theta[i]
+            shifted = [0.0, *poly[:-1]]
+            poly = [(s - theta[i] * p) / d for s, p in zip(shifted, poly, strict=True)]
+        rows.append(poly)
+    return rows
+
+
+@lru_cache(maxsize=16)
 def _factorial_weights(n: int) -> Tensor:
     return torch.tensor([math.factorial(k) for k in range(n)], dtype=F64)
 
@@ -65,11 +85,15 @@ def exponential_weights(z: Tensor, h: Tensor, theta: Tensor) -> Tensor:
     ``z`` may be any shape (a diagonal linear part), real or complex; the result has shape
     ``(len(theta), *z.shape)``.
     """
+    return weights_from_phi(phi_functions(z, theta.numel())[1:], h, theta)
+
+
+def weights_from_phi(phis: Tensor, h: Tensor | float, theta: Tensor) -> Tensor:
+    """:func:`exponential_weights` from precomputed ``phi_1(z) .. phi_k(z)`` (``phis``, shape ``(k, *z.shape)``,
+    ``k = len(theta)``): ``C_j = h sum_k a_{jk} k! phi_{k+1}(z)``."""
     k = theta.numel()
     a = lagrange_monomials(theta) * _factorial_weights(k)  # a[j, k] k!
-    phis = phi_functions(z, k)[1:]  # phi_1 .. phi_k, shape (k, *z.shape)
-    a = a.to(phis.dtype)
-    return h * torch.tensordot(a, phis, dims=1)
+    return h * torch.tensordot(a.to(phis.dtype), phis, dims=1)
 
 
 def basis_values(form: ExponentialForm, basis: str, times: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ loop applies it with one fused linear combination per step on the state's device
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -34,7 +35,9 @@ import torch
 from torch import Tensor
 
 from ..forms import ExponentialForm, LinearForm
-from .coefficients import step_coefficients
+from .coefficients import step_coefficients, weights_from_phi
+from .fused import run_fused
+from .phi import phi_functions
 
 F64 = torch.float64
 WARMUPS = ("lower_order", "full_order")
@@ -72,14 +75,24 @@ class Plan:
         return len(self.start) + self.sweeps * len(self.block) + len(self.main)
 
 
-def round_sig(value: float, digits: int = 12) -> float:
-    """``value`` rounded to ``digits`` significant digits."""
-    return float(f"{value:.{digits - 1}e}")
+def _step_key(h: float) -> tuple[int, float]:
+    """A step size to about 12 significant digits, as a cache key (binary exponent and rounded mantissa)."""
+    mantissa, exponent = math.frexp(h)
+    return exponent, round(mantissa, 12)
+
+
+Spec = tuple[int, int, tuple[int, ...]]  # (source, target, nodes) of one update
 
 
 class _CoefficientCache:
-    """Reuses coefficients across steps of identical geometry when they depend on nothing else
-    (constant L, W = 1, basis t): a uniform grid then costs K+1 distinct computations."""
+    """Computes the coefficients of many updates at once.
+
+    When they depend on nothing but the step's geometry (constant diagonal L, W = 1, basis t), updates of identical
+    geometry share one computation, and all distinct geometries are computed together: one evaluation of the
+    phi-functions for all distinct step sizes, then one small contraction per geometry. A uniform grid costs a
+    handful of tensor operations whatever its length. Otherwise each update is computed by
+    :func:`~deis_ode.solvers.coefficients.step_coefficients`.
+    """
 
     def __init__(self, form: ExponentialForm, basis: str) -> None:
         self.form, self.basis = form, basis
@@ -87,42 +100,54 @@ class _CoefficientCache:
         self.enabled = (
             isinstance(form, LinearForm)
             and lin is not None
+            and not form.matrix
             and form.weight_fn is None
             and basis == "t"
             and not lin.requires_grad
         )
-        self.table: dict = {}
-        self._grid: list[float] | None = None  # the grid as Python floats, for cheap keys (one cache per grid)
 
-    def __call__(self, times: Tensor, source: int, target: int, nodes: tuple[int, ...]):
-        def compute():
-            return self._split(
-                step_coefficients(self.form, self.basis, times[source], times[target], times[list(nodes)])
-            )
-
+    def __call__(self, times: Tensor, specs: list[Spec]) -> list[tuple[Tensor, list[Tensor]]]:
+        """``(transition, weights)`` of each update ``(source, target, nodes)`` on the float64 grid ``times``."""
         if not self.enabled:
-            return compute()
-        if self._grid is None:
-            self._grid = times.tolist()
-        grid = self._grid
-        h = grid[target] - grid[source]
-        # 12 significant digits: steps of a linspace grid that differ only by round-off share one entry; the
-        # reused coefficients belong to a grid moved by at most 5e-13 of a step, far below any truncation error
-        key = (round_sig(h), tuple(round_sig((grid[i] - grid[source]) / h) for i in nodes))
-        if key not in self.table:
-            self.table[key] = compute()
-        return self.table[key]
-
-    @staticmethod
-    def _split(coefficients: tuple[Tensor, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        transition, weights = coefficients
-        return transition, list(weights.unbind(0))
-
-
-def _update(cache: _CoefficientCache, times: Tensor, source: int, target: int, nodes: tuple[int, ...]) -> Update:
-    transition, weights = cache(times, source, target, nodes)
-    matrix = bool(getattr(cache.form, "matrix", False))
-    return Update(source, target, nodes, transition, list(weights), matrix)
+            out = []
+            for source, target, nodes in specs:
+                transition, weights = step_coefficients(
+                    self.form, self.basis, times[source], times[target], times[list(nodes)]
+                )
+                out.append((transition, list(weights.unbind(0))))
+            return out
+        grid = times.tolist()
+        # An update's geometry is the sizes of the intervals it spans, each to 12 significant digits: steps of a
+        # linspace grid that differ only by round-off share one entry; the reused coefficients belong to a grid
+        # moved by about 1e-12 of a step, far below any truncation error.
+        intervals = tuple(_step_key(b - a) for a, b in zip(grid[:-1], grid[1:], strict=False))
+        keys, first = [], {}
+        for spec in specs:
+            source, target, nodes = spec
+            lo, hi = min(source, target, *nodes), max(source, target, *nodes)
+            key = (intervals[lo:hi], source - lo, target - lo, tuple(i - lo for i in nodes))
+            keys.append(key)
+            first.setdefault(key, spec)
+        steps: dict[tuple[int, float], int] = {}  # the distinct step sizes
+        h_of = {}
+        step_of = {}
+        for key, (source, target, _) in first.items():
+            h = grid[target] - grid[source]
+            step_of[key] = _step_key(h)
+            h_of.setdefault(step_of[key], h)
+            steps.setdefault(step_of[key], len(steps))
+        lin = self.form.constant_linear.detach().to(device="cpu")
+        lin = lin.to(torch.complex128 if lin.is_complex() else F64)
+        hs = torch.tensor([h_of[step] for step in steps], dtype=F64)
+        kmax = max(len(nodes) for _, _, nodes in first.values())
+        phis = phi_functions(hs.reshape(-1, *([1] * lin.dim())) * lin, kmax)  # (kmax + 1, steps, *L.shape)
+        table = {}
+        for key, (source, _, nodes) in first.items():
+            i, h = steps[step_of[key]], h_of[step_of[key]]
+            theta = torch.tensor([(grid[n] - grid[source]) / h for n in nodes], dtype=F64)
+            weights = weights_from_phi(phis[1 : len(nodes) + 1, i], h, theta)
+            table[key] = (phis[0, i], list(weights.unbind(0)))
+        return [table[key] for key in keys]
 
 
 def build_plan(
@@ -141,28 +166,42 @@ def build_plan(
     if warmup not in WARMUPS:
         raise ValueError(f"warmup must be one of {WARMUPS}, got {warmup!r}")
     steps = times.numel() - 1
-    cache = _CoefficientCache(form, basis)
-    plan = Plan(order=order)
+    start: list[Spec] = []
+    block: list[Spec] = []
+    main: list[Spec] = []
     first = 0
     if warmup == "full_order" and order > 1:
-        block = order - 1
-        if steps < block:
+        size = order - 1
+        if steps < size:
             raise ValueError(
-                f"warmup='full_order' for a {order}-node method needs at least {block} steps, the grid has {steps}: "
+                f"warmup='full_order' for a {order}-node method needs at least {size} steps, the grid has {steps}: "
                 "use more steps, a lower order, or warmup='lower_order'"
             )
         block_nodes = tuple(range(order))
-        for n in range(block):
-            plan.start.append(_update(cache, times, n, n + 1, tuple(range(n, -1, -1))))
-            plan.block.append(_update(cache, times, n, n + 1, block_nodes))
-        plan.sweeps = order - 1
-        first = block
+        for n in range(size):
+            start.append((n, n + 1, tuple(range(n, -1, -1))))
+            block.append((n, n + 1, block_nodes))
+        first = size
     for n in range(first, steps):
         k = min(order, n + 1) if first == 0 else order
         if lower_order_final:
             k = min(k, steps - n)
-        plan.main.append(_update(cache, times, n, n + 1, tuple(range(n, n - k, -1))))
-    return plan
+        main.append((n, n + 1, tuple(range(n, n - k, -1))))
+    specs = start + block + main
+    matrix = bool(getattr(form, "matrix", False))
+    updates = [
+        Update(source, target, nodes, transition, weights, matrix)
+        for (source, target, nodes), (transition, weights) in zip(
+            specs, _CoefficientCache(form, basis)(times, specs), strict=True
+        )
+    ]
+    return Plan(
+        order=order,
+        start=updates[: len(start)],
+        block=updates[len(start) : len(start) + len(block)],
+        sweeps=order - 1 if block else 0,
+        main=updates[len(start) + len(block) :],
+    )
 
 
 def _place(value: Tensor, like: Tensor):
@@ -185,6 +224,7 @@ def place_updates(updates: Iterable[Update], like: Tensor) -> None:
     """Move the coefficients of ``updates`` to the device and dtype of the state ``like`` (in place); updates that
     share a cached coefficient share one placed copy."""
     placed: dict[int, object] = {}
+    lists: dict[int, tuple[list, list]] = {}
 
     def place(value: Tensor):
         key = id(value)
@@ -194,7 +234,10 @@ def place_updates(updates: Iterable[Update], like: Tensor) -> None:
 
     for update in updates:
         update.transition = place(update.transition)
-        update.weights = [place(w) for w in update.weights]
+        key = id(update.weights)
+        if key not in lists:  # updates that shared a list of coefficients share the placed list
+            lists[key] = ([place(w) for w in update.weights], update.weights)
+        update.weights = lists[key][0]
 
 
 def place_plan(plan: Plan, like: Tensor) -> Plan:
@@ -229,6 +272,19 @@ def apply_update(update: Update, x: Tensor, values: dict[int, Tensor]) -> Tensor
         else:
             out = out.add_(values[node], alpha=w) if not out.requires_grad else out.add(values[node], alpha=w)
     return out
+
+
+def _fusable(updates: list[Update], x: Tensor, value: Tensor) -> bool:
+    """Whether the main ``updates`` can run fused (:mod:`deis_ode.solvers.fused`, in-place buffers): diagonal or
+    scalar coefficients, and nothing that autograd tracks (``value`` is the first evaluation of N)."""
+    if any(u.matrix for u in updates):
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    if x.requires_grad or value.requires_grad:
+        return False
+    distinct = {id(u.weights): u for u in updates}.values()
+    return not any(isinstance(c, Tensor) and c.requires_grad for u in distinct for c in (u.transition, *u.weights))
 
 
 def run_plan(
@@ -287,10 +343,21 @@ def run_plan(
                 on_step(update.source, states[update.source])
             keep(update.target, states[update.target])
     x = states[max(states)]
-    for update in plan.main:
+    main = plan.main
+    fused_check = None
+    if main:
         if on_step is not None:
-            on_step(update.source, x)
-        evaluate(update.source, x)
+            on_step(main[0].source, x)
+        evaluate(main[0].source, x)
+        if noise is None and _fusable(main, x, values[main[0].source]):
+            x, reached, fused_check = run_fused(main, plan.order, nonlinear, x, values, times, wanted, on_step)
+            results.update(reached)
+            main = []
+    for k, update in enumerate(main):
+        if k > 0:
+            if on_step is not None:
+                on_step(update.source, x)
+            evaluate(update.source, x)
         x = apply_update(update, x, values)
         if noise is not None:
             increment = noise(update)
@@ -300,9 +367,12 @@ def run_plan(
         for stale in [i for i in values if i <= update.target - plan.order]:
             del values[stale]
 
-    first = first_non_finite(finite)
-    if first is not None:
-        i = where[first]
+    checks = [torch.stack(finite).all()] if finite else []
+    if fused_check is not None:
+        checks.append(fused_check.all_finite())
+    if checks and not bool(torch.stack(checks).all()):  # the loop's single host synchronisation
+        first = first_non_finite(finite)
+        i = where[first] if first is not None else fused_check.first_bad()
         raise FloatingPointError(
             f"the nonlinear part N(t, x) returned NaN or inf at grid step {i} (t = {times[i].item():.8g}); "
             "the model or the state diverged there"

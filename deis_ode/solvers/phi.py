@@ -12,6 +12,7 @@ Works for real and complex ``z`` of any shape; differentiable.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,6 +31,13 @@ def _expm1(z: Tensor) -> Tensor:
         real = torch.expm1(x) * torch.cos(y) - 2.0 * torch.sin(0.5 * y) ** 2
         return torch.complex(real, torch.exp(x) * torch.sin(y))
     return torch.expm1(z)
+
+
+@functools.lru_cache(maxsize=32)
+def _series_table(kmax: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``table[k - 1, i] = 1 / (M - i + k)!`` for ``k = 1..kmax``, ``i = 0..M`` (``M = SERIES_TERMS``)."""
+    rows = [[1.0 / math.factorial(m + k) for m in range(SERIES_TERMS, -1, -1)] for k in range(1, kmax + 1)]
+    return torch.tensor(rows, dtype=torch.float64, device=device).to(dtype)
 
 
 def phi_functions(z: Tensor, kmax: int) -> Tensor:
@@ -52,18 +60,12 @@ def phi_functions(z: Tensor, kmax: int) -> Tensor:
     out = [torch.exp(z)]
     if kmax == 0:
         return torch.stack(out)
-    # Power series for |z| < 1, all k at once: phi_k = sum_m z^m / (m + k)!, the powers z^m computed once and
-    # combined by one contraction (summed from the smallest terms up, as Horner's rule would).
-    powers = [torch.ones_like(z_series)]
-    for _ in range(SERIES_TERMS):
-        powers.append(powers[-1] * z_series)
-    powers = torch.stack(powers[::-1])  # z^M, ..., z^0
-    table = torch.tensor(
-        [[1.0 / math.factorial(m + k) for m in range(SERIES_TERMS, -1, -1)] for k in range(1, kmax + 1)],
-        dtype=powers.real.dtype,
-        device=z.device,
-    ).to(powers.dtype)
-    series = torch.tensordot(table, powers, dims=1).unbind(0)
+    # Power series for |z| < 1, all k at once: phi_k = sum_m z^m / (m + k)!, the powers z^m (one cumulative product,
+    # i.e. the same sequential multiplications as a loop) combined by one contraction, summed from the smallest
+    # terms up, as Horner's rule would.
+    ones = torch.ones_like(z_series).unsqueeze(0)
+    powers = torch.cat([ones, z_series.unsqueeze(0).expand(SERIES_TERMS, *z.shape).cumprod(0)]).flip(0)
+    series = torch.tensordot(_series_table(kmax, powers.dtype, z.device), powers, dims=1).unbind(0)
     # Recurrence for |z| >= 1.
     rec = [_expm1(z_large) / z_large]
     for k in range(1, kmax):
