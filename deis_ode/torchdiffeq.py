@@ -202,6 +202,8 @@ class DEISSolver:
         t_state = times.to(device=self.y0.device, dtype=real)
         outputs = torch.searchsorted(grid, t.detach().to("cpu", torch.float64)).tolist()
         callback = getattr(self.func, "callback_step", None)
+        if callback is getattr(_td_misc, "_null_callback", None):
+            callback = None  # torchdiffeq's placeholder when the user's func has no callback_step
         grid_state = grid.to(device=self.y0.device, dtype=real)
         dts = grid_state[1:] - grid_state[:-1]
 

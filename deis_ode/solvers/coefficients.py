@@ -96,6 +96,17 @@ def weights_from_phi(phis: Tensor, h: Tensor | float, theta: Tensor) -> Tensor:
     return h * torch.tensordot(a.to(phis.dtype), phis, dims=1)
 
 
+def batched_weights_from_phi(phis: Tensor, h: Tensor, theta: list[list[float]]) -> Tensor:
+    """:func:`weights_from_phi` for ``U`` steps at once: ``phis`` of shape ``(k, U, *shape)`` (``phi_1 .. phi_k`` of
+    each step's ``z``), step sizes ``h`` of shape ``(U,)`` and each step's ``k`` nodes ``theta`` (Python floats, not
+    differentiated); returns ``(U, k, *shape)``."""
+    k, u = phis.shape[:2]
+    a = torch.tensor([_lagrange_rows(nodes) for nodes in theta], dtype=F64) * _factorial_weights(k)  # (U, j, k)
+    flat = phis.reshape(k, u, -1).transpose(0, 1)  # (U, k, S)
+    out = torch.bmm(a.to(phis.dtype), flat) * h.reshape(u, 1, 1)
+    return out.reshape(u, k, *phis.shape[2:])
+
+
 def basis_values(form: ExponentialForm, basis: str, times: Tensor) -> Tensor:
     """The basis variable ``u`` at ``times`` (float64)."""
     if basis == "t":

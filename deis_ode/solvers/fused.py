@@ -32,6 +32,20 @@ if TYPE_CHECKING:
     from .multistep import Update
 
 
+def exact_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of finiteness sums of tensors like ``x``: float64 or complex128 (the state's own where the device
+    has no float64)."""
+    if x.device.type == "mps":
+        return x.dtype
+    return torch.complex128 if x.is_complex() else torch.float64
+
+
+def finiteness_sum(value: Tensor) -> Tensor:
+    """A device scalar that is finite exactly when every entry of ``value`` is (barring a float64 sum beyond
+    1.8e308): one reduction, where ``isfinite(value).all()`` takes two passes and a boolean tensor."""
+    return torch.sum(value.detach(), dtype=exact_dtype(value))
+
+
 def _stack(update: Update, order: int, like: Tensor) -> Tensor:
     """The coefficient stack ``S_n`` of ``update`` (placed on ``like``'s device and dtype), shaped to broadcast
     against the buffer ``(order + 1, *like.shape)``."""
@@ -99,9 +113,7 @@ def run_fused(
     state.copy_(x)
     scratch = torch.empty_like(buffer)
     values = buffer[:order].reshape(order, -1)
-    exact = torch.complex128 if x.is_complex() else torch.float64
-    if x.device.type == "mps":  # no float64 there
-        exact = x.dtype
+    exact = exact_dtype(x)
     checks = torch.zeros((len(updates) // order + 2, order), dtype=exact, device=x.device)
     check_rows = checks.unbind(0)
     checked_at: list[int] = []

@@ -20,9 +20,12 @@ Warm-up (the first K-1 steps lack K past values of N):
 ``lower_order_final`` lowers the order of the last steps symmetrically: step ``n`` uses at most ``M - n``
 nodes (diffusers' choice for few-step sampling).
 
-The plan (which values each step combines, with which float64 coefficients) is built once per grid; the
-loop applies it with one fused linear combination per step on the state's device and dtype. Finiteness of
-``N`` is recorded on the device each step and checked once at the end, so the loop never waits on the host.
+The plan (which values each step combines, with which float64 coefficients) is built once per grid, all
+distinct step geometries together where L is constant. The loop applies it on the state's device and dtype:
+where autograd does not track the solve, the main steps run fused (:mod:`deis_ode.solvers.fused`: the history of
+``N`` and the state in one buffer, three tensor operations per step); otherwise one linear combination per step.
+Finiteness of ``N`` is recorded on the device (as sums) and checked once at the end, so the loop never waits on
+the host.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import torch
 from torch import Tensor
 
 from ..forms import ExponentialForm, LinearForm
-from .coefficients import step_coefficients, weights_from_phi
-from .fused import run_fused
+from .coefficients import batched_weights_from_phi, step_coefficients
+from .fused import finiteness_sum, run_fused
 from .phi import phi_functions
 
 F64 = torch.float64
@@ -123,30 +126,32 @@ class _CoefficientCache:
         intervals = tuple(_step_key(b - a) for a, b in zip(grid[:-1], grid[1:], strict=False))
         keys, first = [], {}
         for spec in specs:
-            source, target, nodes = spec
-            lo, hi = min(source, target, *nodes), max(source, target, *nodes)
-            key = (intervals[lo:hi], source - lo, target - lo, tuple(i - lo for i in nodes))
+            source, target, nodes = spec  # nodes: a contiguous range of indices, in either order
+            lo = min(source, target, nodes[0], nodes[-1])
+            hi = max(source, target, nodes[0], nodes[-1])
+            key = (intervals[lo:hi], source - lo, target - lo, nodes[0] - lo, nodes[-1] - lo)
             keys.append(key)
             first.setdefault(key, spec)
-        steps: dict[tuple[int, float], int] = {}  # the distinct step sizes
-        h_of = {}
-        step_of = {}
-        for key, (source, target, _) in first.items():
-            h = grid[target] - grid[source]
-            step_of[key] = _step_key(h)
-            h_of.setdefault(step_of[key], h)
-            steps.setdefault(step_of[key], len(steps))
         lin = self.form.constant_linear.detach().to(device="cpu")
         lin = lin.to(torch.complex128 if lin.is_complex() else F64)
-        hs = torch.tensor([h_of[step] for step in steps], dtype=F64)
-        kmax = max(len(nodes) for _, _, nodes in first.values())
-        phis = phi_functions(hs.reshape(-1, *([1] * lin.dim())) * lin, kmax)  # (kmax + 1, steps, *L.shape)
+        # the phi-functions of every distinct geometry's z = L h in one evaluation, then the weights of all
+        # geometries with the same number of nodes in one batched product
+        distinct = list(first.items())
+        hs = torch.tensor([grid[target] - grid[source] for _, (source, target, _) in distinct], dtype=F64)
+        kmax = max(len(nodes) for _, (_, _, nodes) in distinct)
+        phis = phi_functions(hs.reshape(-1, *([1] * lin.dim())) * lin, kmax)  # (kmax + 1, geometries, *L.shape)
         table = {}
-        for key, (source, _, nodes) in first.items():
-            i, h = steps[step_of[key]], h_of[step_of[key]]
-            theta = torch.tensor([(grid[n] - grid[source]) / h for n in nodes], dtype=F64)
-            weights = weights_from_phi(phis[1 : len(nodes) + 1, i], h, theta)
-            table[key] = (phis[0, i], list(weights.unbind(0)))
+        for k in {len(nodes) for _, (_, _, nodes) in distinct}:
+            members = [i for i, (_, (_, _, nodes)) in enumerate(distinct) if len(nodes) == k]
+            index = torch.tensor(members)
+            theta = []
+            for i in members:
+                source, target, nodes = distinct[i][1]
+                h = grid[target] - grid[source]
+                theta.append([(grid[n] - grid[source]) / h for n in nodes])
+            weights = batched_weights_from_phi(phis[1 : k + 1, index], hs[index], theta)
+            for i, w in zip(members, weights.unbind(0), strict=True):
+                table[distinct[i][0]] = (phis[0, i], list(w.unbind(0)))
         return [table[key] for key in keys]
 
 
@@ -246,15 +251,15 @@ def place_plan(plan: Plan, like: Tensor) -> Plan:
     return plan
 
 
-def first_non_finite(flags: list[Tensor]) -> int | None:
-    """The index of the first ``False`` among per-evaluation finiteness flags (device booleans), or ``None``: the
-    loop's single host synchronisation, after the loop."""
-    if not flags:
+def first_non_finite(sums: list[Tensor]) -> int | None:
+    """The index of the first non-finite entry among per-evaluation finiteness sums (device scalars from
+    :func:`~deis_ode.solvers.fused.finiteness_sum`), or ``None``: one host synchronisation, after the loop."""
+    if not sums:
         return None
-    stacked = torch.stack(flags)
-    if bool(stacked.all()):
+    finite = torch.isfinite(torch.stack(sums))
+    if bool(finite.all()):
         return None
-    return int(torch.nonzero(~stacked)[0, 0])
+    return int(torch.nonzero(~finite)[0, 0])
 
 
 def apply_update(update: Update, x: Tensor, values: dict[int, Tensor]) -> Tensor:
@@ -317,7 +322,7 @@ def run_plan(
     def evaluate(i: int, x: Tensor) -> None:
         out = nonlinear(times[i], x)
         values[i] = out
-        finite.append(torch.isfinite(out).all())
+        finite.append(finiteness_sum(out))
         where.append(i)
 
     states: dict[int, Tensor] = {0: x0}
@@ -367,7 +372,7 @@ def run_plan(
         for stale in [i for i in values if i <= update.target - plan.order]:
             del values[stale]
 
-    checks = [torch.stack(finite).all()] if finite else []
+    checks = [torch.isfinite(torch.stack(finite)).all()] if finite else []
     if fused_check is not None:
         checks.append(fused_check.all_finite())
     if checks and not bool(torch.stack(checks).all()):  # the loop's single host synchronisation

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..forms import ExponentialForm
+from .fused import finiteness_sum
 from .ipndm import require_eps_diffusion
 from .multistep import Update, apply_update, first_non_finite, place_updates
 
@@ -192,7 +193,7 @@ def run_rho_rk(
             x_stage = x if stage is None else apply_update(stage, x, values)
             k = nonlinear(stage_times[e], x_stage)
             values[i] = k
-            finite.append(torch.isfinite(k).all())
+            finite.append(finiteness_sum(k))
             e += 1
         x = apply_update(step.final, x, values)
         if step.target in wanted:
