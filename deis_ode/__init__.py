@@ -1,6 +1,6 @@
 """deis_ode: DEIS exponential multistep integrators for semi-linear ODEs, in torchdiffeq.
 
-``import deis_ode`` registers the methods ``deis1`` .. ``deis4`` in torchdiffeq, so that
+``import deis_ode`` registers the methods ``deis1`` .. ``deis5`` in torchdiffeq, so that
 ``torchdiffeq.odeint(ode, x0, t, method="deis3")`` integrates a :class:`SemiLinearODE`
 ``dx/dt = L(t) x + W(t) N(t, x)`` with its linear part treated exactly.
 """

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import torch
 
-DEIS_METHODS = ("deis1", "deis2", "deis3", "deis4")
+DEIS_METHODS = ("deis1", "deis2", "deis3", "deis4", "deis5")
 
 
 # --------------------------------------------------------------------------- verify
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     verify = commands.add_parser("verify", help="empirical convergence order of a method on a test problem")
-    verify.add_argument("--method", default="deis3", help="a torchdiffeq method name, or 'all' for deis1..deis4")
+    verify.add_argument("--method", default="deis3", help="a torchdiffeq method name, or 'all' for deis1..deis5")
     verify.add_argument("--problem", default="scalar", choices=[*PROBLEMS, "all"])
     verify.add_argument("--grid", default="uniform", choices=["uniform", "random"])
     verify.add_argument("--steps", type=int, nargs="+", help="step counts (default: the problem's own)")

@@ -1,4 +1,4 @@
-"""torchdiffeq adapter: the ``deis1`` .. ``deis4`` methods in torchdiffeq's solver registry.
+"""torchdiffeq adapter: the ``deis1`` .. ``deis5`` methods in torchdiffeq's solver registry.
 
 The paper's diffusion variants are registered too (options ``step_size`` and ``grid_constructor`` only; a
 diffusion drift is required): ``ipndm``, ``ipndm_v`` and ``deis_rk2`` .. ``deis_rk4``
@@ -229,7 +229,7 @@ def _make(order: int) -> type[DEISSolver]:
     return type(f"DEIS{order}Solver", (DEISSolver,), {"order": order, "__doc__": doc})
 
 
-METHODS: dict[str, type[DEISSolver]] = {f"deis{k}": _make(k) for k in range(1, 5)}
+METHODS: dict[str, type[DEISSolver]] = {f"deis{k}": _make(k) for k in range(1, 6)}
 
 _VARIANT_OPTIONS = ("step_size", "grid_constructor")
 

@@ -29,10 +29,10 @@ def smooth_ode():
 
 
 def test_methods_are_registered_and_registration_is_idempotent():
-    for k in range(1, 5):
+    for k in range(1, 6):
         assert SOLVERS[f"deis{k}"] is deis_ode.METHODS[f"deis{k}"]
     assert deis_ode.register() == list(deis_ode.METHODS)
-    assert {f"deis{k}" for k in range(1, 5)} <= set(deis_ode.METHODS)
+    assert {f"deis{k}" for k in range(1, 6)} <= set(deis_ode.METHODS)
     assert SOLVERS["dopri5"].__module__.startswith("torchdiffeq")
 
 
@@ -57,7 +57,7 @@ def test_same_object_runs_with_dopri5_rk4_and_deis():
     assert (rk4 - ref).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("method", ["deis2", "deis3", "deis4"])
+@pytest.mark.parametrize("method", ["deis2", "deis3", "deis4", "deis5"])
 def test_decreasing_time_is_honoured(method):
     """Backward in time through torchdiffeq's reversal wrapper: exact for N = t (degree 1 < K)."""
     ode, x0 = linear_forcing_ode(), torch.tensor([2.0], dtype=F64)
@@ -69,7 +69,7 @@ def test_decreasing_time_is_honoured(method):
 def test_one_evaluation_per_step_after_warmup_and_none_on_the_last_step():
     ode, x0 = smooth_ode(), torch.ones(3, dtype=F64)
     t = torch.linspace(0, 1, 21, dtype=F64)
-    for k in range(1, 5):
+    for k in range(1, 6):
         with count_evaluations(ode) as lower:
             torchdiffeq.odeint(ode, x0, t, method=f"deis{k}", options={"warmup": "lower_order"})
         with count_evaluations(ode) as full:

@@ -221,9 +221,11 @@ def test_vp_mixture_problem_is_well_formed():
 @needs_deis
 @pytest.mark.parametrize("grid", ["uniform", "random"])
 @pytest.mark.parametrize("name", GENERIC_PROBLEMS)
-@pytest.mark.parametrize("method", ["deis1", "deis2", "deis3", "deis4"])
+@pytest.mark.parametrize("method", ["deis1", "deis2", "deis3", "deis4", "deis5"])
 def test_deis_orders_match_theory(method, name, grid):
     ode, x0, t0, t1, steps = PROBLEMS[name]()
+    if method == "deis5":  # its error constant reaches the asymptotic regime at about twice the steps
+        steps = tuple(2 * n for n in steps)
     table = empirical_order(method, ode, x0, t0, t1, steps, grid=grid, problem=name)
     assert table.expected == int(method[-1])
     assert table.slope == pytest.approx(table.expected, abs=0.2), str(table)

@@ -123,12 +123,13 @@ def run_fused(
         torch.sum(values, dim=1, dtype=exact, out=check_rows[len(checked_at)])
         checked_at.append(n)
 
+    grid = times.unbind(0)  # indexing a list of 0-dim views costs less than indexing the tensor each step
     for k, (update, stack) in enumerate(zip(updates, stacks, strict=True)):
         n = update.source
         if k > 0:
             if on_step is not None:
                 on_step(n, state.clone())
-            rows[n % order].copy_(nonlinear(times[n], state))
+            rows[n % order].copy_(nonlinear(grid[n], state))
         if n % order == order - 1:
             check(n)
         torch.sum(torch.mul(stack, buffer, out=scratch), dim=0, out=state)

@@ -1,4 +1,4 @@
-r"""The exponential Adams-Bashforth engine: deisK, K = 1..4, on any grid.
+r"""The exponential Adams-Bashforth engine: deisK, K = 1..5, on any grid.
 
 On a grid ``t_0, ..., t_M`` the K-node method is
 
@@ -14,7 +14,7 @@ Warm-up (the first K-1 steps lack K past values of N):
   guess of ``x_1..x_B``; then ``K-1`` Picard sweeps re-evaluate ``N_1..N_B`` and recompute each block
   step with the polynomial *interpolating* all K nodes ``t_0..t_B`` (exponential collocation). Each sweep
   gains one power of h, so the starting values carry an O(h^{K+1}) error and the global order is K, at
-  ``(K-1)^2`` extra evaluations of N (1, 4, 9 for deis2, deis3, deis4). With N independent of x and a
+  ``(K-1)^2`` extra evaluations of N (1, 4, 9, 16 for deis2 .. deis5). With N independent of x and a
   polynomial of degree < K in the basis variable the whole solve is exact.
 
 ``lower_order_final`` lowers the order of the last steps symmetrically: step ``n`` uses at most ``M - n``
@@ -30,10 +30,10 @@ the host.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,10 +78,11 @@ class Plan:
         return len(self.start) + self.sweeps * len(self.block) + len(self.main)
 
 
-def _step_key(h: float) -> tuple[int, float]:
-    """A step size to about 12 significant digits, as a cache key (binary exponent and rounded mantissa)."""
-    mantissa, exponent = math.frexp(h)
-    return exponent, round(mantissa, 12)
+def _rounded_steps(grid: np.ndarray) -> tuple[float, ...]:
+    """The steps of ``grid`` with their binary mantissas rounded to 12 decimals (about 12 significant digits), as
+    cache keys."""
+    mantissa, exponent = np.frexp(np.diff(grid))
+    return tuple(np.ldexp(np.round(mantissa, 12), exponent).tolist())
 
 
 Spec = tuple[int, int, tuple[int, ...]]  # (source, target, nodes) of one update
@@ -123,7 +124,7 @@ class _CoefficientCache:
         # An update's geometry is the sizes of the intervals it spans, each to 12 significant digits: steps of a
         # linspace grid that differ only by round-off share one entry; the reused coefficients belong to a grid
         # moved by about 1e-12 of a step, far below any truncation error.
-        intervals = tuple(_step_key(b - a) for a, b in zip(grid[:-1], grid[1:], strict=False))
+        intervals = _rounded_steps(times.numpy())
         keys, first = [], {}
         for spec in specs:
             source, target, nodes = spec  # nodes: a contiguous range of indices, in either order
