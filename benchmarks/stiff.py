@@ -1,4 +1,4 @@
-"""Stiff PDEs: time to a relative error of 1e-4 and 1e-6 for deis2/3/4, scipy and torchdiffeq, single-threaded.
+"""Stiff PDEs: time to a relative error of 1e-4 and 1e-6 for deis2/3/4/5, scipy and torchdiffeq, single-threaded.
 
     python benchmarks/stiff.py                 # full run, 5 to 10 minutes
     python benchmarks/stiff.py --quick         # fewer points and repeats, 5 s caps, no Radau check (under a minute)
@@ -11,7 +11,7 @@ with a constant diagonal linear part ``L``.
 
 Methods and what is swept:
 
-* ``deis2``, ``deis3``, ``deis4`` (default ``full_order`` warm-up): the number of uniform steps;
+* ``deis2`` .. ``deis5`` (default ``full_order`` warm-up): the number of uniform steps;
 * scipy ``solve_ivp`` on the same right-hand side written in numpy, as a real system (real and imaginary parts
   interleaved): ``RK45``, ``DOP853``, and ``BDF``, ``Radau``, ``LSODA`` with the Jacobian of the linear part,
   ``diag(L)`` (a constant sparse matrix for ``BDF``/``Radau``, banded storage for ``LSODA``), and on the small
@@ -30,9 +30,9 @@ Gray-Scott). The time (and the evaluations of ``N``) to reach a target is interp
 between the cheapest measured point that reaches it and the most expensive cheaper point that does not; "<= t"
 means the cheapest measured point already reaches it, "> t" that no point does.
 
-Where the time of the best deis run goes is measured with timers around the engine's pieces: the evaluations of
-``N`` (and, inside them, the FFTs), building the coefficient plan, applying the coefficients, the finiteness
-checks and the rest of the loop; a bare loop over the same updates gives what the step itself costs.
+Where the time of the best deis run goes (:func:`breakdown`): the evaluations of ``N`` (and, inside them, the FFTs),
+building the coefficients, the step arithmetic of the fused loop and the rest (Python, warm-up, checks); a bare
+loop over the same updates gives what the step itself costs.
 """
 
 # ruff: noqa: E402  (the thread settings and the path to examples/ come before some imports)
@@ -68,12 +68,10 @@ from _spectral import PackedSystem, SpectralProblem, relative_error, unpack
 
 import deis_ode
 from deis_ode import torchdiffeq as adapter
-from deis_ode.solvers import multistep
+from deis_ode.solvers import fused
 from deis_ode.verify import count_evaluations
 
 TARGETS = (1e-4, 1e-6)
-#: The engine's one-step update (``x_{n+1} = Phi x_n + sum_j C_j N_j``), timed by :func:`breakdown`.
-APPLY = "apply_update" if hasattr(multistep, "apply_update") else "_apply"
 
 
 class OverBudget(Exception):
@@ -117,6 +115,7 @@ def setups(quick: bool) -> dict[str, Callable[[], Setup]]:
             "deis2": [200, 400, 800, 1600, 3200, 6400],
             "deis3": [50, 100, 200, 400, 800],
             "deis4": [25, 50, 100, 200, 400],
+            "deis5": [40, 60, 80, 100, 150, 200],
         }
         return Setup("ks", kuramoto_sivashinsky.make_problem(10.0), deis, [800, 1600, 3200], 6400, 1e-12)
 
@@ -125,6 +124,7 @@ def setups(quick: bool) -> dict[str, Callable[[], Setup]]:
             "deis2": [25, 50, 100, 200, 400, 800, 1600, 3200],
             "deis3": [25, 50, 100, 200, 400, 800],
             "deis4": [25, 50, 75, 100, 200, 400],
+            "deis5": [50, 75, 100, 150, 200, 400],
         }
         return Setup("ac", allen_cahn.make_problem(10.0), deis, [40000, 80000], 6400, 1e-12)
 
@@ -133,6 +133,7 @@ def setups(quick: bool) -> dict[str, Callable[[], Setup]]:
             "deis2": [100, 200, 400, 800, 1600],
             "deis3": [25, 50, 100, 200, 400],
             "deis4": [25, 50, 100, 200, 400],
+            "deis5": [25, 50, 75, 100, 200, 400],
         }
         # dopri5 needs about a minute per run here: a longer cap, and two tolerances
         return Setup("gs", gray_scott.make_problem(100.0), deis, [1000, 2000], 3200, 1e-11, 150.0, (1e-4, 1e-6))
@@ -200,7 +201,10 @@ def deis_solve(problem: SpectralProblem, method: str, steps: int) -> torch.Tenso
 
 
 def run_deis(problem: SpectralProblem, method: str, steps: int, ref: torch.Tensor, repeats: int) -> Point:
-    seconds, end = timed(lambda: deis_solve(problem, method, steps), repeats)
+    try:
+        seconds, end = timed(lambda: deis_solve(problem, method, steps), repeats)
+    except FloatingPointError:  # the step is beyond the method's stability limit on this problem
+        return Point(method, f"M={steps}", 0, math.nan, math.nan, note="unstable")
     with count_evaluations(problem.ode) as calls:
         deis_solve(problem, method, steps)
     return Point(method, f"M={steps}", calls.count, seconds, relative_error(problem, end, ref))
@@ -354,15 +358,17 @@ class _Stopwatch:
 
 
 def breakdown(problem: SpectralProblem, method: str, steps: int) -> dict[str, float]:
-    """Seconds of one deis solve spent in its parts, from solves with timers around the engine's pieces.
+    """Seconds of one deis solve spent in its parts.
 
-    Timed inside the solve: the user's ``N``, building and placing the coefficient plan (``build_plan``,
-    ``place_plan``), applying the coefficients (the engine's ``apply_update``) and the finiteness checks
-    (``torch.isfinite``). The FFT pair inside ``N`` is timed separately on the state. The rest of the
-    instrumented solve is the loop's own Python overhead (including the adapter and the timers themselves).
+    Timed inside the solve (with timers around the pieces): the user's ``N``, and building the coefficients (the
+    adapter's ``build_plan`` and ``place_plan``, and the fused loop's ``coefficient_stacks``). Timed apart, on the
+    same plan: the step arithmetic of the fused loop (storing ``N`` in the buffer, the product and the sum: three
+    tensor operations per step) and the FFT pair inside ``N``. The rest of the solve is the loop's Python, the
+    warm-up's updates, the finiteness sums and the adapter. A bare loop (``N`` and the step arithmetic only, over
+    the main steps) gives what a step costs at least.
     """
     ode = problem.ode
-    keys = ("N", "plan", "apply", "isfinite")
+    keys = ("N", "plan")
     plain = best_of(lambda: deis_solve(problem, method, steps), 3)
     best: dict[str, float] = {"total": math.inf}
     for _ in range(3):
@@ -371,8 +377,7 @@ def breakdown(problem: SpectralProblem, method: str, steps: int) -> dict[str, fl
             _Stopwatch(ode, "nonlinear", spent, "N"),
             _Stopwatch(adapter, "build_plan", spent, "plan"),
             _Stopwatch(adapter, "place_plan", spent, "plan"),
-            _Stopwatch(multistep, APPLY, spent, "apply"),
-            _Stopwatch(torch, "isfinite", spent, "isfinite"),
+            _Stopwatch(fused, "coefficient_stacks", spent, "plan"),
         ]
         try:
             with count_evaluations(ode) as calls:
@@ -394,25 +399,28 @@ def breakdown(problem: SpectralProblem, method: str, steps: int) -> dict[str, fl
         shape = problem.physical(x0).shape[-2:]
         per_fft = best_of(lambda: torch.fft.rfft2(torch.fft.irfft2(x0, s=shape)), 20)
     best["FFT"] = per_fft * best["evaluations"]
-    # a bare loop over the same updates: N and the coefficient combination, nothing else (no plan building,
-    # no checks, no callbacks); its values are not the solution (the warm-up is skipped), its time per step is
+    # the fused loop's step on the same plan, with and without N (its values are not the solution: the warm-up is
+    # skipped; its time per step is what counts)
     order = int(method[-1])
     grid = torch.linspace(0.0, problem.t_end, steps + 1, dtype=torch.float64)
     plan = adapter.place_plan(adapter.build_plan(ode.exponential_form(), "t", grid, order, "full_order"), x0)
+    stacks = fused.coefficient_stacks(plan.main, order, x0)
     times = grid.unbind()
-    apply = getattr(multistep, APPLY)
+    buffer = torch.zeros((order + 1, *x0.shape), dtype=x0.dtype)
+    rows, scratch = buffer.unbind(0), torch.empty_like(buffer)
+    state = rows[order]
+    value = ode.nonlinear(times[0], x0)
 
-    def bare() -> None:
-        first = ode.nonlinear(times[0], x0)
-        values = dict.fromkeys(range(order), first)
-        x = x0
-        for update in plan.main:
-            values[update.source] = ode.nonlinear(times[update.source], x)
-            x = apply(update, x, values)
-            values.pop(update.source - order + 1, None)
+    def loop(with_n: bool) -> None:
+        state.copy_(x0)
+        for update, stack in zip(plan.main, stacks, strict=True):
+            out = ode.nonlinear(times[update.source], state) if with_n else value
+            rows[update.source % order].copy_(out)
+            torch.sum(torch.mul(stack, buffer, out=scratch), dim=0, out=state)
 
-    best["bare"] = best_of(bare, 3) / len(plan.main) * best["evaluations"]
-    best["other"] = best["total"] - sum(best[k] for k in keys)
+    best["arithmetic"] = best_of(lambda: loop(False), 3) / len(plan.main) * best["evaluations"]
+    best["bare"] = best_of(lambda: loop(True), 3) / len(plan.main) * best["evaluations"]
+    best["other"] = best["total"] - sum(best[k] for k in (*keys, "arithmetic"))
     best["plain"] = plain
     return best
 
@@ -606,10 +614,9 @@ def main(argv: list[str] | None = None) -> None:
         labels = {
             "N": "evaluations of N",
             "FFT": "  of which FFTs",
-            "plan": "building the plan",
-            "apply": "applying coefficients",
-            "isfinite": "finiteness checks (isfinite)",
-            "other": "rest of the loop (Python)",
+            "plan": "building the coefficients",
+            "arithmetic": "step arithmetic (3 ops/step)",
+            "other": "rest (Python, warm-up, checks)",
         }
         for name, label in labels.items():
             log(

@@ -280,10 +280,18 @@ def apply_update(update: Update, x: Tensor, values: dict[int, Tensor]) -> Tensor
     return out
 
 
+#: Largest state (in elements) whose main steps run fused. The fused step makes three tensor operations instead of
+#: 1 + K, but makes more passes over state-sized arrays: on small states, where each operation costs microseconds of
+#: dispatch whatever its size, it is up to 2.2x faster; around 8k elements the two break even, and at 64k elements
+#: the fused step is 1.4-1.5x slower (``python benchmarks/fused_step.py``, K = 4, one CPU thread).
+FUSED_MAX_ELEMENTS = 8192
+
+
 def _fusable(updates: list[Update], x: Tensor, value: Tensor) -> bool:
-    """Whether the main ``updates`` can run fused (:mod:`deis_ode.solvers.fused`, in-place buffers): diagonal or
-    scalar coefficients, and nothing that autograd tracks (``value`` is the first evaluation of N)."""
-    if any(u.matrix for u in updates):
+    """Whether the main ``updates`` run fused (:mod:`deis_ode.solvers.fused`, in-place buffers): a state of at most
+    :data:`FUSED_MAX_ELEMENTS` elements, diagonal or scalar coefficients, and nothing that autograd tracks (``value``
+    is the first evaluation of N)."""
+    if x.numel() > FUSED_MAX_ELEMENTS or any(u.matrix for u in updates):
         return False
     if not torch.is_grad_enabled():
         return True

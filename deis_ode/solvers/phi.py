@@ -54,12 +54,25 @@ def phi_functions(z: Tensor, kmax: int) -> Tensor:
         z = z.to(torch.float64)
     small = z.abs() < SERIES_RADIUS
     one = torch.ones((), dtype=z.dtype, device=z.device)
-    z_series = torch.where(small, z, torch.zeros_like(z))
     z_large = torch.where(small, one, z)
 
     out = [torch.exp(z)]
     if kmax == 0:
         return torch.stack(out)
+    # Power series for |z| < 1, on those entries only, all k at once: phi_k = sum_m z^m / (m + k)!, the powers z^m
+    # (one cumulative product, i.e. the same sequential multiplications as a loop) combined by one contraction,
+    # summed from the smallest terms up, as Horner's rule would.
+    z_series = z[small]
+    ones = torch.ones_like(z_series).unsqueeze(0)
+    powers = torch.cat([ones, z_series.unsqueeze(0).expand(SERIES_TERMS, -1).cumprod(0)]).flip(0)
+    series = torch.tensordot(_series_table(kmax, powers.dtype, z.device), powers, dims=1).unbind(0)
+    # Recurrence for |z| >= 1.
+    rec = [_expm1(z_large) / z_large]
+    for k in range(1, kmax):
+        rec.append((rec[-1] - 1.0 / math.factorial(k)) / z_large)
+    for k in range(kmax):
+        out.append(rec[k].masked_scatter(small, series[k]))
+    return torch.stack(out)
     # Power series for |z| < 1, all k at once: phi_k = sum_m z^m / (m + k)!, the powers z^m (one cumulative product,
     # i.e. the same sequential multiplications as a loop) combined by one contraction, summed from the smallest
     # terms up, as Horner's rule would.
