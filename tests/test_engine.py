@@ -146,3 +146,24 @@ def test_fused_loop_equals_the_unfused_update(order, lower_order_final):
         tracked = torchdiffeq.odeint(ode, x0.clone().requires_grad_(), times, method=f"deis{order}", options=options)
         assert tracked.requires_grad and not fused.requires_grad
         torch.testing.assert_close(fused, tracked.detach(), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "lin", [torch.tensor([-1e3, -2.0, 0.0, 0.3, 5.0], dtype=F64), torch.tensor([-2.0, 3j, -40 + 7j])]
+)
+def test_batched_plan_coefficients_equal_the_single_step_formula(lin):
+    # the plan computes all geometries of a constant L together (numpy phi-functions, one batched product per node
+    # count); each update must carry the coefficients of its own step as step_coefficients computes them alone
+    from deis_ode.solvers.coefficients import step_coefficients
+
+    form = SemiLinearODE(lin, lambda t, x: x).exponential_form()
+    times = torch.cumsum(torch.tensor([0.0, 0.1, 0.13, 0.05, 0.2, 0.2, 0.2, 0.07, 0.31, 0.01], dtype=F64), 0)
+    for warmup in ("lower_order", "full_order"):
+        plan = build_plan(form, "t", times, 4, warmup)
+        for update in plan.start + plan.block + plan.main:
+            nodes = times[list(update.nodes)]
+            transition, weights = step_coefficients(form, "t", times[update.source], times[update.target], nodes)
+            torch.testing.assert_close(update.transition, transition, rtol=1e-14, atol=0)
+            torch.testing.assert_close(
+                torch.stack(update.weights), weights, rtol=2e-14, atol=1e-16 * weights.abs().max()
+            )

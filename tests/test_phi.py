@@ -10,7 +10,7 @@ from scipy.integrate import quad
 
 from deis_ode.forms import LinearForm
 from deis_ode.solvers.coefficients import exponential_weights, lagrange_monomials, step_coefficients
-from deis_ode.solvers.phi import phi_functions
+from deis_ode.solvers.phi import phi_functions, phi_functions_host
 
 F64 = torch.float64
 
@@ -37,10 +37,11 @@ MIXED_Z = [complex(x, y) for x in (-50.0, -3.0, -0.7, 0.2, 0.9) for y in (-7.0, 
 
 
 @pytest.mark.parametrize("zs", [REAL_Z, IMAG_Z, MIXED_Z], ids=["real", "imaginary", "complex"])
-def test_phi_functions_match_mpmath(zs):
+@pytest.mark.parametrize("host", [False, True], ids=["torch", "numpy"])
+def test_phi_functions_match_mpmath(zs, host):
     dtype = torch.float64 if isinstance(zs[0], float) else torch.complex128
     z = torch.tensor(np.asarray(zs), dtype=dtype)
-    phis = phi_functions(z, 5)
+    phis = torch.from_numpy(phi_functions_host(z.numpy(), 5)) if host else phi_functions(z, 5)
     worst = 0.0
     for k in range(6):
         for i, zi in enumerate(zs):

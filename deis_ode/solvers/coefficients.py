@@ -96,14 +96,15 @@ def weights_from_phi(phis: Tensor, h: Tensor | float, theta: Tensor) -> Tensor:
     return h * torch.tensordot(a.to(phis.dtype), phis, dims=1)
 
 
-def batched_weights_from_phi(phis: Tensor, h: Tensor, theta: list[list[float]]) -> Tensor:
-    """:func:`weights_from_phi` for ``U`` steps at once: ``phis`` of shape ``(k, U, *shape)`` (``phi_1 .. phi_k`` of
-    each step's ``z``), step sizes ``h`` of shape ``(U,)`` and each step's ``k`` nodes ``theta`` (Python floats, not
-    differentiated); returns ``(U, k, *shape)``."""
+def batched_weights_from_phi(phis: np.ndarray, h: np.ndarray, theta: list[list[float]]) -> np.ndarray:
+    """:func:`weights_from_phi` for ``U`` steps at once, on the host in numpy: ``phis`` of shape ``(k, U, *shape)``
+    (``phi_1 .. phi_k`` of each step's ``z``), step sizes ``h`` of shape ``(U,)`` and each step's ``k`` nodes
+    ``theta``; returns ``(U, k, *shape)``."""
     k, u = phis.shape[:2]
-    a = torch.tensor([_lagrange_rows(nodes) for nodes in theta], dtype=F64) * _factorial_weights(k)  # (U, j, k)
-    flat = phis.reshape(k, u, -1).transpose(0, 1)  # (U, k, S)
-    out = torch.bmm(a.to(phis.dtype), flat) * h.reshape(u, 1, 1)
+    factorials = np.array([math.factorial(i) for i in range(k)], dtype=np.float64)
+    a = np.array([_lagrange_rows(nodes) for nodes in theta], dtype=np.float64) * factorials  # (U, j, k)
+    flat = phis.reshape(k, u, -1).transpose(1, 0, 2)  # (U, k, S)
+    out = np.matmul(a.astype(phis.dtype), flat) * h.reshape(u, 1, 1)
     return out.reshape(u, k, *phis.shape[2:])
 
 

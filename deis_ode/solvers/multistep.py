@@ -40,7 +40,7 @@ from torch import Tensor
 from ..forms import ExponentialForm, LinearForm
 from .coefficients import batched_weights_from_phi, step_coefficients
 from .fused import finiteness_sum, run_fused
-from .phi import phi_functions
+from .phi import phi_functions_host
 
 F64 = torch.float64
 WARMUPS = ("lower_order", "full_order")
@@ -134,25 +134,24 @@ class _CoefficientCache:
             keys.append(key)
             first.setdefault(key, spec)
         lin = self.form.constant_linear.detach().to(device="cpu")
-        lin = lin.to(torch.complex128 if lin.is_complex() else F64)
+        lin = lin.to(torch.complex128 if lin.is_complex() else F64).numpy()
         # the phi-functions of every distinct geometry's z = L h in one evaluation, then the weights of all
-        # geometries with the same number of nodes in one batched product
+        # geometries with the same number of nodes in one batched product (in numpy: host work without autograd)
         distinct = list(first.items())
-        hs = torch.tensor([grid[target] - grid[source] for _, (source, target, _) in distinct], dtype=F64)
+        hs = np.array([grid[target] - grid[source] for _, (source, target, _) in distinct])
         kmax = max(len(nodes) for _, (_, _, nodes) in distinct)
-        phis = phi_functions(hs.reshape(-1, *([1] * lin.dim())) * lin, kmax)  # (kmax + 1, geometries, *L.shape)
+        phis = phi_functions_host(hs.reshape(-1, *([1] * lin.ndim)) * lin, kmax)  # (kmax + 1, geometries, *L)
+        transitions = torch.from_numpy(phis[0]).unbind(0)
         table = {}
         for k in {len(nodes) for _, (_, _, nodes) in distinct}:
             members = [i for i, (_, (_, _, nodes)) in enumerate(distinct) if len(nodes) == k]
-            index = torch.tensor(members)
             theta = []
             for i in members:
-                source, target, nodes = distinct[i][1]
-                h = grid[target] - grid[source]
-                theta.append([(grid[n] - grid[source]) / h for n in nodes])
-            weights = batched_weights_from_phi(phis[1 : k + 1, index], hs[index], theta)
+                source, _, nodes = distinct[i][1]
+                theta.append([(grid[n] - grid[source]) / hs[i] for n in nodes])
+            weights = torch.from_numpy(batched_weights_from_phi(phis[1 : k + 1, members], hs[members], theta))
             for i, w in zip(members, weights.unbind(0), strict=True):
-                table[distinct[i][0]] = (phis[0, i], list(w.unbind(0)))
+                table[distinct[i][0]] = (transitions[i], list(w.unbind(0)))
         return [table[key] for key in keys]
 
 

@@ -7,7 +7,9 @@ catastrophically for small ``|z|``; the power series ``phi_k(z) = sum_m z^m / (m
 alternates and cancels for large negative ``z``. We use the series for ``|z| < 1``
 (error amplification below 3) and the recurrence, started from an ``expm1``-based ``phi_1``, for
 ``|z| >= 1`` (amplification below 20 for ``k <= 4``, measured against mpmath in the tests).
-Works for real and complex ``z`` of any shape; differentiable.
+Works for real and complex ``z`` of any shape; differentiable. :func:`phi_functions_host` is the same algorithm
+on numpy arrays, for coefficient tables computed on the host without autograd, where a few dozen numpy operations
+cost a fraction of the same tensor operations' dispatch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -86,3 +89,36 @@ def phi_functions(z: Tensor, kmax: int) -> Tensor:
     for k in range(kmax):
         out.append(torch.where(small, series[k], rec[k]))
     return torch.stack(out)
+
+
+def phi_functions_host(z: np.ndarray, kmax: int) -> np.ndarray:
+    """:func:`phi_functions` on a numpy array (float64 or complex128): the same series, recurrence and ``expm1``,
+    without autograd."""
+    if kmax < 0:
+        raise ValueError(f"kmax must be >= 0, got {kmax}")
+    z = np.asarray(z)
+    if not np.iscomplexobj(z):
+        z = z.astype(np.float64, copy=False)
+    small = np.abs(z) < SERIES_RADIUS
+    z_large = np.where(small, 1.0, z)
+    out = np.empty((kmax + 1, *z.shape), dtype=z.dtype)
+    out[0] = np.exp(z)
+    if kmax == 0:
+        return out
+    z_series = z[small]
+    powers = np.empty((SERIES_TERMS + 1, z_series.size), dtype=z.dtype)
+    powers[0] = 1.0
+    np.cumprod(np.broadcast_to(z_series, (SERIES_TERMS, z_series.size)), axis=0, out=powers[1:])
+    table = _series_table(kmax, torch.float64, torch.device("cpu")).numpy()
+    series = table @ powers[::-1]  # (kmax, S)
+    if np.iscomplexobj(z_large):
+        x, y = z_large.real, z_large.imag
+        rec = (np.expm1(x) * np.cos(y) - 2.0 * np.sin(0.5 * y) ** 2 + 1j * (np.exp(x) * np.sin(y))) / z_large
+    else:
+        rec = np.expm1(z_large) / z_large
+    for k in range(kmax):
+        if k > 0:
+            rec = (rec - 1.0 / math.factorial(k)) / z_large
+        out[k + 1] = rec
+        out[k + 1][small] = series[k]
+    return out
