@@ -27,6 +27,7 @@ from accuracy import DIFFUSERS_SAMPLERS, HAS_DIFFUSERS, Row, Scorer, make_proble
 
 from deis_ode import VPODE
 from deis_ode.diffusion import timesteps
+from deis_ode.solvers.multistep import full_order_sweeps
 from deis_ode.verify import count_evaluations
 
 SPACINGS = ("uniform", "power", "logsnr", "karras", "linspace", "leading", "trailing")
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         for k, basis, split, warmup, final, spacing in itertools.product(
             (2, 3, 4), ("t", "rho", "logrho"), ("eps", "x0"), ("lower_order", "full_order"), (False, True), SPACINGS
         ):
-            steps = nfe - ((k - 1) ** 2 if warmup == "full_order" else 0)
+            steps = nfe - ((k - 1) * full_order_sweeps(k) if warmup == "full_order" else 0)
             if steps < max(1, k - 1 if warmup == "full_order" else 1):
                 continue
             options = {"basis": basis, "warmup": warmup, "lower_order_final": final}
