@@ -15,9 +15,8 @@ Warm-up (the first K-1 steps lack K past values of N):
   and recompute each block step with the polynomial *interpolating* all K nodes ``t_0..t_B`` (exponential
   collocation). Each sweep gains one power of h, so ``S = K-2`` sweeps leave the starting values an O(h^K)
   error, which is what global order K needs (a zero-stable multistep method carries starting errors along
-  without amplifying them). One sweep fewer loses an order; one more changed the error by a few percent on
-  the stiff examples. deis3 keeps two sweeps: with one it shows order 3 only on finer grids. So ``S`` is 1, 2,
-  2, 3 and the warm-up costs ``(K-1) S`` = 1, 4, 6, 12 extra evaluations of N for deis2 .. deis5.
+  without amplifying them); one sweep fewer loses an order (both measured in the tests). deis3 keeps two
+  sweeps: with one it shows order 3 only on finer grids. So ``S`` is 1, 2, 2, 3 and the warm-up costs ``(K-1) S`` = 1, 4, 6, 12 extra evaluations of N for deis2 .. deis5.
   With N independent of x and a polynomial of degree < K in the basis variable the whole solve is exact.
 
 ``lower_order_final`` lowers the order of the last steps symmetrically: step ``n`` uses at most ``M - n``
