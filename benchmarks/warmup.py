@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         ref = reference.solve(ode, x0, torch.tensor([t0, t1], dtype=torch.float64), method="DOP853")
         print(f"\n## problem {name}: t from {t0} to {t1}, steps {list(steps)}")
         print(f"{'method':<7} {'warm-up':<12} " + " ".join(f"{'NFE':>5} {'error':>9}" for _ in steps) + "  slope")
-        for k in (2, 3, 4):
+        for k in (2, 3, 4, 5):
             for warmup in ("lower_order", "full_order"):
                 table = empirical_order(
                     f"deis{k}", ode, x0, t0, t1, steps=steps, options={"warmup": warmup}, reference=ref

@@ -62,7 +62,7 @@ def _stack(update: Update, order: int, like: Tensor) -> Tensor:
         r.expand(shape) if isinstance(r, Tensor) else torch.full(shape, r, device=like.device, dtype=like.dtype)
         for r in rows
     ]
-    stack = torch.stack(full)
+    stack = torch.stack(full).to(like.dtype)  # complex * complex is the faster product for a complex state
     return stack.reshape(order + 1, *([1] * (like.dim() - len(shape))), *shape)
 
 

@@ -16,7 +16,8 @@ Warm-up (the first K-1 steps lack K past values of N):
   collocation). Each sweep gains one power of h, so ``S = K-2`` sweeps leave the starting values an O(h^K)
   error, which is what global order K needs (a zero-stable multistep method carries starting errors along
   without amplifying them); one sweep fewer loses an order (both measured in the tests). deis3 keeps two
-  sweeps: with one it shows order 3 only on finer grids. So ``S`` is 1, 2, 2, 3 and the warm-up costs ``(K-1) S`` = 1, 4, 6, 12 extra evaluations of N for deis2 .. deis5.
+  sweeps: with one it shows order 3 only on finer grids. So ``S`` is 1, 2, 2, 3
+  and the warm-up costs ``(K-1) S`` = 1, 4, 6, 12 extra evaluations of N for deis2 .. deis5.
   With N independent of x and a polynomial of degree < K in the basis variable the whole solve is exact.
 
 ``lower_order_final`` lowers the order of the last steps symmetrically: step ``n`` uses at most ``M - n``
@@ -229,8 +230,11 @@ def _place(value: Tensor, like: Tensor):
         value = value.real
     if value.dim() == 0 and not value.requires_grad:
         return value.item()
-    dtype = like.dtype if (like.is_complex() or not value.is_complex()) else None
-    return value.to(device=like.device, dtype=dtype)
+    if like.is_complex() and not value.is_complex():
+        # real coefficients of a complex state stay real in the state's precision (no conversion when they already
+        # are: complex * real keeps the complex dtype)
+        return value.to(device=like.device, dtype=like.real.dtype)
+    return value.to(device=like.device, dtype=like.dtype)
 
 
 def place_updates(updates: Iterable[Update], like: Tensor) -> None:
