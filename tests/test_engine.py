@@ -97,13 +97,12 @@ def _poisoned(lin, bad_from: float, value: float):
 @pytest.mark.parametrize("warmup", ["lower_order", "full_order"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
 def test_non_finite_nonlinear_part_is_located_at_every_step(order, warmup, dtype):
-    # the fused loop checks N in groups of K evaluations: every position in a group, and the final partial
-    # group, must be reported at its own grid step
+    # the fused loop checks N in groups of K evaluations (and each warm-up evaluation on its own): every position
+    # in a group, and the final partial group, must be reported at its own grid step
     lin = torch.tensor([-1.0, -30.0, -0.5], dtype=F64)
     steps = 11
     times = torch.linspace(0, 1, steps + 1, dtype=F64)
-    first_main = order - 1 if warmup == "full_order" else 0
-    for bad in range(first_main, steps):
+    for bad in range(steps):  # the warm-up's start pass and Picard sweeps included
         for value in (math.nan, math.inf):
             ode = _poisoned(lin, float(times[bad]), value)
             with pytest.raises(FloatingPointError, match=rf"grid step {bad} \("):
