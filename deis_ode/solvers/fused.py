@@ -17,7 +17,8 @@ into a device buffer (in float64 or complex128, so that a float32 state cannot o
 only a sum beyond 1.8e308 in magnitude would be reported as non-finite), which is read once after the loop.
 
 The buffer is written in place, so this path serves solves that autograd does not track; the engine
-(:func:`deis_ode.solvers.multistep.run_plan`) decides.
+(:func:`deis_ode.solvers.multistep.run_plan`) decides. ``N`` receives the state as a row of the buffer, which the
+next step overwrites: a nonlinear part that keeps its input beyond the call must copy it.
 """
 
 from __future__ import annotations

@@ -95,9 +95,9 @@ class _CoefficientCache:
     """Computes the coefficients of many updates at once.
 
     When they depend on nothing but the step's geometry (constant diagonal L, W = 1, basis t), updates of identical
-    geometry share one computation, and all distinct geometries are computed together: one evaluation of the
-    phi-functions for all distinct step sizes, then one small contraction per geometry. A uniform grid costs a
-    handful of tensor operations whatever its length. Otherwise each update is computed by
+    geometry share one computation, and all distinct geometries are computed together on the host in numpy: one
+    evaluation of the phi-functions for all of them, then one batched product per number of nodes. A uniform grid
+    costs a few dozen array operations whatever its length. Otherwise each update is computed by
     :func:`~deis_ode.solvers.coefficients.step_coefficients`.
     """
 
