@@ -47,36 +47,44 @@ def finiteness_sum(value: Tensor) -> Tensor:
     return torch.sum(value.detach(), dtype=exact_dtype(value))
 
 
-def _stack(update: Update, order: int, like: Tensor) -> Tensor:
-    """The coefficient stack ``S_n`` of ``update`` (placed on ``like``'s device and dtype), shaped to broadcast
-    against the buffer ``(order + 1, *like.shape)``."""
-    rows: list[object] = [0.0] * (order + 1)
-    for w, node in zip(update.weights, update.nodes, strict=True):
-        rows[node % order] = w
-    rows[order] = update.transition
-    if not any(isinstance(r, Tensor) for r in rows):
-        exact = torch.complex128 if any(isinstance(r, complex) for r in rows) else torch.float64
-        stack = torch.tensor(rows, dtype=exact).to(device=like.device, dtype=like.dtype)
-        return stack.reshape(order + 1, *([1] * like.dim()))
-    shape = max((r.shape for r in rows if isinstance(r, Tensor)), key=len)  # coefficients share one shape or are 0-dim
+def _base_stack(update: Update, like: Tensor) -> Tensor:
+    """``[C_0, .., C_{k-1}, a, 0]`` of ``update`` (placed) as one tensor on ``like``'s device and dtype, shaped to
+    broadcast against ``like`` after its leading dimension."""
+    values = [*update.weights, update.transition, 0.0]
+    if not any(isinstance(v, Tensor) for v in values):
+        exact = torch.complex128 if any(isinstance(v, complex) for v in values) else torch.float64
+        base = torch.tensor(values, dtype=exact).to(device=like.device, dtype=like.dtype)
+        return base.reshape(len(values), *([1] * like.dim()))
+    shape = max((v.shape for v in values if isinstance(v, Tensor)), key=len)  # one shape, or 0-dim
     full = [
-        r.expand(shape) if isinstance(r, Tensor) else torch.full(shape, r, device=like.device, dtype=like.dtype)
-        for r in rows
+        v.expand(shape) if isinstance(v, Tensor) else torch.full(shape, v, device=like.device, dtype=like.dtype)
+        for v in values
     ]
-    stack = torch.stack(full).to(like.dtype)  # complex * complex is the faster product for a complex state
-    return stack.reshape(order + 1, *([1] * (like.dim() - len(shape))), *shape)
+    base = torch.stack(full).to(like.dtype)  # complex * complex is the faster product for a complex state
+    return base.reshape(len(values), *([1] * (like.dim() - len(shape))), *shape)
 
 
 def coefficient_stacks(updates: list[Update], order: int, like: Tensor) -> list[Tensor]:
-    """The stack of each update. Updates that share their coefficient list (a plan gives updates of identical
-    geometry one list) and their rotation share one stack."""
+    """The stack ``S_n`` of each update, shaped to broadcast against the buffer ``(order + 1, *like.shape)``.
+
+    Updates that share their coefficient list (a plan gives updates of identical geometry one list) share one
+    stacked copy of their coefficients, and each rotation ``n mod K`` of it is one indexing operation."""
+    bases: dict[int, Tensor] = {}
     built: dict[tuple[int, int], Tensor] = {}
     out = []
     for update in updates:
         key = (update.source % order, id(update.weights))
         stack = built.get(key)
         if stack is None:
-            stack = built[key] = _stack(update, order, like)
+            base = bases.get(key[1])
+            if base is None:
+                base = bases[key[1]] = _base_stack(update, like)
+            k = len(update.nodes)
+            index = [k + 1] * (order + 1)  # the zero row, for rows of unused nodes
+            for j, node in enumerate(update.nodes):
+                index[node % order] = j
+            index[order] = k
+            stack = built[key] = base[index]
         out.append(stack)
     return out
 

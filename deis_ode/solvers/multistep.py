@@ -51,7 +51,12 @@ WARMUPS = ("lower_order", "full_order")
 
 @dataclass
 class Update:
-    """``x[target] = transition * x[source] + sum_j weights[j] * N[nodes[j]]``."""
+    """``x[target] = transition * x[source] + sum_j weights[j] * N[nodes[j]]``.
+
+    Updates of one plan that share their ``weights`` list object share their transition and their node offsets
+    too (:func:`build_plan` gives updates of identical geometry one list); placement and the fused loop's stacks
+    rely on it.
+    """
 
     source: int
     target: int
@@ -241,7 +246,7 @@ def place_updates(updates: Iterable[Update], like: Tensor) -> None:
     """Move the coefficients of ``updates`` to the device and dtype of the state ``like`` (in place); updates that
     share a cached coefficient share one placed copy."""
     placed: dict[int, object] = {}
-    lists: dict[int, tuple[list, list]] = {}
+    lists: dict[int, tuple[object, list, list]] = {}
 
     def place(value: Tensor):
         key = id(value)
@@ -250,11 +255,10 @@ def place_updates(updates: Iterable[Update], like: Tensor) -> None:
         return placed[key][0]
 
     for update in updates:
-        update.transition = place(update.transition)
         key = id(update.weights)
-        if key not in lists:  # updates that shared a list of coefficients share the placed list
-            lists[key] = ([place(w) for w in update.weights], update.weights)
-        update.weights = lists[key][0]
+        if key not in lists:  # updates that shared a list of coefficients (and a transition) share the placed ones
+            lists[key] = (place(update.transition), [place(w) for w in update.weights], update.weights)
+        update.transition, update.weights = lists[key][0], lists[key][1]
 
 
 def place_plan(plan: Plan, like: Tensor) -> Plan:
