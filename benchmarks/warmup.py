@@ -1,5 +1,5 @@
 """Warm-up trade-off: the lower-order start (no extra evaluations) against the full-order start
-(1, 4, 6, 12 extra evaluations of N for deis2 .. deis5), error versus evaluations, on built-in problems.
+((K-1)^2 extra evaluations of N), error versus evaluations, on built-in problems.
 
     python benchmarks/warmup.py [--problems diagonal stiff vp-mixture] [--steps 8 16 32 64]
 

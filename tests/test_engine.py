@@ -76,7 +76,7 @@ def test_plan_counts_and_orders():
     assert [len(u.nodes) for u in plan.main] == [1, 2, 3, 3, 3, 3, 3, 3, 2, 1]
     assert plan.evaluations == 10
     plan = build_plan(ode.exponential_form(), "t", times, 4, "full_order")
-    assert plan.evaluations == 10 + 3 * 2  # 3 block steps, 2 Picard sweeps
+    assert plan.evaluations == 10 + 3 * 3  # 3 block steps, 3 Picard sweeps
     assert [len(u.nodes) for u in plan.main] == [4] * 7
 
 

@@ -11,13 +11,13 @@ Warm-up (the first K-1 steps lack K past values of N):
 * ``"lower_order"``: step ``n`` uses ``min(K, n+1)`` nodes. No extra evaluations, but the first
   (exponential Euler) step leaves an O(h^2) error, so the global order is ``min(K, 2)`` on uniform grids.
 * ``"full_order"``: the first ``B = K-1`` steps are solved as one block. A lower-order pass gives a first
-  guess of ``x_1..x_B`` with an O(h^2) error; then S Picard sweeps re-evaluate ``N_1..N_B``
-  and recompute each block step with the polynomial *interpolating* all K nodes ``t_0..t_B`` (exponential
-  collocation). Each sweep gains one power of h, so ``S = K-2`` sweeps leave the starting values an O(h^K)
-  error, which is what global order K needs (a zero-stable multistep method carries starting errors along
-  without amplifying them); one sweep fewer loses an order (both measured in the tests). deis3 keeps two
-  sweeps: with one it shows order 3 only on finer grids. So ``S`` is 1, 2, 2, 3
-  and the warm-up costs ``(K-1) S`` = 1, 4, 6, 12 extra evaluations of N for deis2 .. deis5.
+  guess of ``x_1..x_B`` with an O(h^2) error; then ``K-1`` Picard sweeps re-evaluate ``N_1..N_B`` and recompute
+  each block step with the polynomial *interpolating* all K nodes ``t_0..t_B`` (exponential collocation). Each
+  sweep gains one power of h, so the starting values carry an O(h^{K+1}) error, one power of h below the
+  method's global error, at ``(K-1)^2`` extra evaluations of N (1, 4, 9, 16 for deis2 .. deis5). ``K-2`` sweeps
+  would keep the global order K (a zero-stable method carries an O(h^K) starting error along without amplifying
+  it), but the starting error can then dominate: tried in ``benchmarks/stiff.py``, deis4's final error on
+  Gray-Scott grew 7-13x (at 100 and 200 steps) for 3 evaluations saved, so the start keeps its last sweep.
   With N independent of x and a polynomial of degree < K in the basis variable the whole solve is exact.
 
 ``lower_order_final`` lowers the order of the last steps symmetrically: step ``n`` uses at most ``M - n``
@@ -164,9 +164,8 @@ class _CoefficientCache:
 
 
 def full_order_sweeps(order: int) -> int:
-    """Picard sweeps of the full-order warm-up of the ``order``-node method: ``K - 2`` (enough for order K), at
-    least 2 (deis3 reaches its asymptotic order 3 with one sweep only on finer grids) and at most ``K - 1``."""
-    return min(order - 1, max(order - 2, 2))
+    """Picard sweeps of the full-order warm-up of the ``order``-node method: ``K - 1``."""
+    return order - 1
 
 
 def build_plan(
