@@ -31,8 +31,8 @@ between the cheapest measured point that reaches it and the most expensive cheap
 means the cheapest measured point already reaches it, "> t" that no point does.
 
 Where the time of the best deis run goes (:func:`breakdown`): the evaluations of ``N`` (and, inside them, the FFTs),
-building the coefficients, the step arithmetic of the fused loop and the rest (Python, warm-up, checks); a bare
-loop over the same updates gives what the step itself costs.
+building the coefficients, the step arithmetic (fused or not, as the engine chooses) and the rest (Python, warm-up,
+checks); a bare loop over the same updates gives what the step itself costs.
 """
 
 # ruff: noqa: E402  (the thread settings and the path to examples/ come before some imports)
@@ -68,7 +68,7 @@ from _spectral import PackedSystem, SpectralProblem, relative_error, unpack
 
 import deis_ode
 from deis_ode import torchdiffeq as adapter
-from deis_ode.solvers import fused
+from deis_ode.solvers import fused, multistep
 from deis_ode.verify import count_evaluations
 
 TARGETS = (1e-4, 1e-6)
@@ -362,8 +362,9 @@ def breakdown(problem: SpectralProblem, method: str, steps: int) -> dict[str, fl
 
     Timed inside the solve (with timers around the pieces): the user's ``N``, and building the coefficients (the
     adapter's ``build_plan`` and ``place_plan``, and the fused loop's ``coefficient_stacks``). Timed apart, on the
-    same plan: the step arithmetic of the fused loop (storing ``N`` in the buffer, the product and the sum: three
-    tensor operations per step) and the FFT pair inside ``N``. The rest of the solve is the loop's Python, the
+    same plan: the step arithmetic (for a state of at most ``FUSED_MAX_ELEMENTS`` elements the fused loop's three
+    tensor operations per step: storing ``N`` in the buffer, the product and the sum; for a larger one the unfused
+    update's ``1 + K``) and the FFT pair inside ``N``. The rest of the solve is the loop's Python, the
     warm-up's updates, the finiteness sums and the adapter. A bare loop (``N`` and the step arithmetic only, over
     the main steps) gives what a step costs at least.
     """
@@ -399,24 +400,36 @@ def breakdown(problem: SpectralProblem, method: str, steps: int) -> dict[str, fl
         shape = problem.physical(x0).shape[-2:]
         per_fft = best_of(lambda: torch.fft.rfft2(torch.fft.irfft2(x0, s=shape)), 20)
     best["FFT"] = per_fft * best["evaluations"]
-    # the fused loop's step on the same plan, with and without N (its values are not the solution: the warm-up is
-    # skipped; its time per step is what counts)
+    # the engine's step on the same plan, fused or not as the engine chooses for this state, with and without N
+    # (its values are not the solution: the warm-up is skipped; its time per step is what counts)
     order = int(method[-1])
     grid = torch.linspace(0.0, problem.t_end, steps + 1, dtype=torch.float64)
     plan = adapter.place_plan(adapter.build_plan(ode.exponential_form(), "t", grid, order, "full_order"), x0)
-    stacks = fused.coefficient_stacks(plan.main, order, x0)
     times = grid.unbind()
-    buffer = torch.zeros((order + 1, *x0.shape), dtype=x0.dtype)
-    rows, scratch = buffer.unbind(0), torch.empty_like(buffer)
-    state = rows[order]
     value = ode.nonlinear(times[0], x0)
+    best["fused"] = x0.numel() <= multistep.FUSED_MAX_ELEMENTS
+    if best["fused"]:
+        stacks = fused.coefficient_stacks(plan.main, order, x0)
+        buffer = torch.zeros((order + 1, *x0.shape), dtype=x0.dtype)
+        rows, scratch = buffer.unbind(0), torch.empty_like(buffer)
+        state = rows[order]
 
-    def loop(with_n: bool) -> None:
-        state.copy_(x0)
-        for update, stack in zip(plan.main, stacks, strict=True):
-            out = ode.nonlinear(times[update.source], state) if with_n else value
-            rows[update.source % order].copy_(out)
-            torch.sum(torch.mul(stack, buffer, out=scratch), dim=0, out=state)
+        def loop(with_n: bool) -> None:
+            state.copy_(x0)
+            for update, stack in zip(plan.main, stacks, strict=True):
+                out = ode.nonlinear(times[update.source], state) if with_n else value
+                rows[update.source % order].copy_(out)
+                torch.sum(torch.mul(stack, buffer, out=scratch), dim=0, out=state)
+
+    else:
+
+        def loop(with_n: bool) -> None:
+            values = dict.fromkeys(range(order), value)
+            x = x0
+            for update in plan.main:
+                values[update.source] = ode.nonlinear(times[update.source], x) if with_n else value
+                x = multistep.apply_update(update, x, values)
+                values.pop(update.source - order + 1, None)
 
     best["arithmetic"] = best_of(lambda: loop(False), 3) / len(plan.main) * best["evaluations"]
     best["bare"] = best_of(lambda: loop(True), 3) / len(plan.main) * best["evaluations"]
@@ -608,14 +621,14 @@ def main(argv: list[str] | None = None) -> None:
         parts = breakdown(problem, ours, steps)
         total = parts["total"]
         log(
-            f"\n  where the time of {ours} goes ({steps} steps, {parts['evaluations']} evaluations; "
-            f"{parts['plain']:.4f} s, {total:.4f} s with the timers):"
+            f"\n  where the time of {ours} goes ({steps} steps, {parts['evaluations']} evaluations, "
+            f"{'fused' if parts['fused'] else 'unfused'} steps; {parts['plain']:.4f} s, {total:.4f} s with the timers):"
         )
         labels = {
             "N": "evaluations of N",
             "FFT": "  of which FFTs",
             "plan": "building the coefficients",
-            "arithmetic": "step arithmetic (3 ops/step)",
+            "arithmetic": "step arithmetic",
             "other": "rest (Python, warm-up, checks)",
         }
         for name, label in labels.items():
