@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                     p.x0,
                     p.t0,
                     p.t1,
-                    steps=p.steps if k < 5 else tuple(2 * n for n in p.steps),  # deis5: asymptotic from ~2x
+                    steps=p.steps_for(f"deis{k}"),
                     grid=grid,
                     options={"warmup": warmup},
                     reference=refs[name],
