@@ -76,19 +76,6 @@ def phi_functions(z: Tensor, kmax: int) -> Tensor:
     for k in range(kmax):
         out.append(rec[k].masked_scatter(small, series[k]))
     return torch.stack(out)
-    # Power series for |z| < 1, all k at once: phi_k = sum_m z^m / (m + k)!, the powers z^m (one cumulative product,
-    # i.e. the same sequential multiplications as a loop) combined by one contraction, summed from the smallest
-    # terms up, as Horner's rule would.
-    ones = torch.ones_like(z_series).unsqueeze(0)
-    powers = torch.cat([ones, z_series.unsqueeze(0).expand(SERIES_TERMS, *z.shape).cumprod(0)]).flip(0)
-    series = torch.tensordot(_series_table(kmax, powers.dtype, z.device), powers, dims=1).unbind(0)
-    # Recurrence for |z| >= 1.
-    rec = [_expm1(z_large) / z_large]
-    for k in range(1, kmax):
-        rec.append((rec[-1] - 1.0 / math.factorial(k)) / z_large)
-    for k in range(kmax):
-        out.append(torch.where(small, series[k], rec[k]))
-    return torch.stack(out)
 
 
 def phi_functions_host(z: np.ndarray, kmax: int) -> np.ndarray:
