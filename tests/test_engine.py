@@ -93,7 +93,7 @@ def _poisoned(lin, bad_from: float, value: float):
     return SemiLinearODE(lin, nonlinear)
 
 
-@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("order", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("warmup", ["lower_order", "full_order"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
 def test_non_finite_nonlinear_part_is_located_at_every_step(order, warmup, dtype):
@@ -130,7 +130,7 @@ def test_finite_but_huge_float32_values_are_not_reported():
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("order", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("lower_order_final", [False, True])
 def test_fused_loop_equals_the_unfused_update(order, lower_order_final):
     # with autograd tracking the state, the engine takes the unfused path (one update at a time); without, the
