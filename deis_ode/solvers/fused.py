@@ -98,7 +98,7 @@ def run_fused(
     times: Tensor,
     wanted: set[int],
     on_step: Callable[[int, Tensor], None] | None = None,
-) -> tuple[Tensor, dict[int, Tensor], FusedCheck]:
+) -> tuple[dict[int, Tensor], FusedCheck]:
     """Run the main ``updates`` (consecutive steps ``n -> n + 1``) from ``x = x_n`` of the first one.
 
     Args:
@@ -109,8 +109,8 @@ def run_fused(
         on_step: called as ``on_step(n, x_n)`` before step ``n`` (with a copy of the state).
 
     Returns:
-        The final state, the states at the ``wanted`` indices reached by the loop, and its finiteness sums
-        (:class:`FusedCheck`; nothing is read on the host here).
+        The states at the ``wanted`` indices reached by the loop (the final state among them when it is wanted),
+        and its finiteness sums (:class:`FusedCheck`; nothing is read on the host here).
     """
     stacks = coefficient_stacks(updates, order, x)
     buffer = torch.zeros((order + 1, *x.shape), dtype=x.dtype, device=x.device)
@@ -146,7 +146,7 @@ def run_fused(
             results[update.target] = state.clone()
     check(updates[-1].source)
 
-    return state.clone(), results, FusedCheck(checks[: len(checked_at)], checked_at, order)
+    return results, FusedCheck(checks[: len(checked_at)], checked_at, order)
 
 
 class FusedCheck:

@@ -378,7 +378,7 @@ def run_plan(
             on_step(main[0].source, x)
         evaluate(main[0].source, x)
         if noise is None and _fusable(main, x, values[main[0].source]):
-            x, reached, fused_check = run_fused(main, plan.order, nonlinear, x, values, times, wanted, on_step)
+            reached, fused_check = run_fused(main, plan.order, nonlinear, x, values, times, wanted, on_step)
             results.update(reached)
             main = []
     for k, update in enumerate(main):
