@@ -113,11 +113,7 @@ class DEISSolver:
         grid_constructor: Any = None,
         **kwargs: Any,
     ) -> None:
-        unknown = sorted(k for k in kwargs if k not in _IGNORED)
-        if unknown:
-            raise ValueError(
-                f"method {self.method!r}: unknown option(s) {unknown}; valid options are {list(_VALID_OPTIONS)}"
-            )
+        self._reject_unknown_options(kwargs, _VALID_OPTIONS)
         if step_size is not None and grid_constructor is not None:
             raise ValueError("options step_size and grid_constructor are mutually exclusive")
         if step_size is not None and not (isinstance(step_size, (int, float)) and step_size > 0):
@@ -146,6 +142,13 @@ class DEISSolver:
     @property
     def method(self) -> str:
         return f"deis{self.order}"
+
+    def _reject_unknown_options(self, options: dict[str, Any], valid: tuple[str, ...]) -> None:
+        """``ValueError`` naming the method and the valid options when ``options`` holds anything besides what
+        torchdiffeq always passes (``rtol``, ``atol``, ``norm``)."""
+        unknown = sorted(k for k in options if k not in _IGNORED)
+        if unknown:
+            raise ValueError(f"method {self.method!r}: unknown option(s) {unknown}; valid options are {list(valid)}")
 
     @classmethod
     def valid_callbacks(cls) -> set[str]:
@@ -269,11 +272,7 @@ class DiffusionVariantSolver(DEISSolver):
         grid_constructor: Any = None,
         **kwargs: Any,
     ) -> None:
-        unknown = sorted(k for k in kwargs if k not in _IGNORED)
-        if unknown:
-            raise ValueError(
-                f"method {self.method!r}: unknown option(s) {unknown}; valid options are {list(_VARIANT_OPTIONS)}"
-            )
+        self._reject_unknown_options(kwargs, _VARIANT_OPTIONS)
         super().__init__(func, y0, step_size=step_size, grid_constructor=grid_constructor, **kwargs)
         form = self.form
         self._nonlinear = self.ode.nonlinear_part
