@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from _subprocess import run_python
 
 from deis_ode.__main__ import main
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def run_module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run(
-        [sys.executable, "-m", "deis_ode", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_python("-m", "deis_ode", *args, timeout=timeout)
 
 
 def slopes(text: str) -> dict[str, float]:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from _subprocess import run_python
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -71,7 +70,7 @@ def test_import_error_without_diffusers():
         "except ImportError as error:\n"
         "    print('IMPORT-ERROR', error)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = run_python("-c", code, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "IMPORT-ERROR" in result.stdout and "pip install deis_ode[diffusers]" in result.stdout
 

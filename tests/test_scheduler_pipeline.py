@@ -6,17 +6,15 @@ Measured against the same sampling loop in float64, both are off by 1e-5 to 3e-5
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+
+from _subprocess import ROOT, run_python  # noqa: E402
 
 from deis_ode import DEISMultistepScheduler  # noqa: E402
 
@@ -68,17 +66,7 @@ def test_ddpm_pipeline_same_images(order, steps):
 
 def test_example_script_quick():
     """examples/diffusers_pipeline.py runs offline and shows the swap gives diffusers' images."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(
-        [sys.executable, str(root / "examples" / "diffusers_pipeline.py"), "--quick"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_python(str(ROOT / "examples" / "diffusers_pipeline.py"), "--quick", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {line[:36].strip(): line[36:].split() for line in result.stdout.splitlines() if line.startswith("deis_ode")}
     assert float(rows["deis_ode"][0]) < 5e-5

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torchdiffeq
+from _subprocess import ROOT, run_python
 from scipy.integrate import solve_ivp
 
 import deis_ode  # noqa: F401
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -33,15 +31,7 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def run_example(name: str, *args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), "--quick", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    proc = run_python(str(EXAMPLES / name), "--quick", *args, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -214,14 +204,8 @@ def test_time_to_target_interpolates_between_bracketing_points() -> None:
 @pytest.mark.slow
 def test_benchmark_quick_run_on_ks(tmp_path: Path) -> None:
     out_file = tmp_path / "stiff.txt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "stiff.py"), "--quick", "--problems", "ks", "--out", str(out_file)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
+    proc = run_python(
+        str(ROOT / "benchmarks" / "stiff.py"), "--quick", "--problems", "ks", "--out", str(out_file), timeout=600
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = out_file.read_text()
