@@ -122,24 +122,12 @@ def make_problem(samples: int, seed: int) -> Problem:
     return Problem(schedule, mixture, model, ode, x_start, t_start, t_end, note)
 
 
-class LambdaDrift:
-    """The same ODE in the half log-SNR: ``dx/dlambda = f(t, x) / (dlambda/dt)`` at ``t = t(lambda)``."""
-
-    def __init__(self, ode: VPODE) -> None:
-        self.ode = ode
-        self.schedule = ode.schedule
-
-    def __call__(self, lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t = self.schedule.t_of_half_log_snr(lam)
-        return self.ode(t, x) / self.schedule.d_half_log_snr(t)
-
-
 def reference_final(problem: Problem, rtol: float = 1e-12) -> tuple[torch.Tensor, int, float]:
     """The final state by DOP853 in lambda; returns (state, scipy's evaluations, seconds)."""
     lam = problem.schedule.half_log_snr(torch.tensor([problem.t_start, problem.t_end], dtype=F64))
     start = time.perf_counter()
     with torch.no_grad():
-        sol = reference.solve(LambdaDrift(problem.ode), problem.x_start, lam, rtol=rtol, atol=rtol)
+        sol = reference.solve(reference.InHalfLogSNR(problem.ode), problem.x_start, lam, rtol=rtol, atol=rtol)
     return sol.states[-1], sol.nfev, time.perf_counter() - start
 
 

@@ -22,7 +22,7 @@ import torch
 from scipy.integrate import solve_ivp
 from torch import Tensor
 
-__all__ = ["ReferenceSolution", "solve", "IMPLICIT_METHODS"]
+__all__ = ["ReferenceSolution", "solve", "IMPLICIT_METHODS", "InHalfLogSNR"]
 
 #: scipy methods that solve linear systems with the Jacobian of the drift.
 IMPLICIT_METHODS = ("Radau", "BDF", "LSODA")
@@ -212,3 +212,25 @@ def solve(
     states = states.reshape(len(t_eval), *x0.shape)
     states[0] = x0.cpu()  # exactly the initial state, not scipy's copy of it
     return ReferenceSolution(states, times, method, rtol, atol, nfev)
+
+
+class InHalfLogSNR:
+    r"""A diffusion drift as an ODE in the half log-SNR ``lambda = log(alpha / sigma)``:
+
+        dx / dlambda = f(t, x) / (dlambda / dt),   t = t(lambda).
+
+    A discrete (interpolated) schedule is only piecewise smooth in ``t`` but the drift is smooth in ``lambda``, so a
+    reference integrated in ``lambda`` reaches its tolerance without tracking the kinks:
+    ``solve(InHalfLogSNR(drift), x, schedule.half_log_snr(t))`` gives the states at times ``t``.
+
+    Args:
+        drift: a diffusion drift (``drift.schedule`` provides ``t_of_half_log_snr`` and ``d_half_log_snr``).
+    """
+
+    def __init__(self, drift: Drift) -> None:
+        self.drift = drift
+        self.schedule = drift.schedule
+
+    def __call__(self, lam: Tensor, x: Tensor) -> Tensor:
+        t = self.schedule.t_of_half_log_snr(lam)
+        return self.drift(t, x) / self.schedule.d_half_log_snr(t)

@@ -15,17 +15,6 @@ diffusers = pytest.importorskip("diffusers")
 F64 = torch.float64
 
 
-class InLambda:
-    """The probability-flow ODE in the half log-SNR (smooth there; the discrete schedule has kinks in t)."""
-
-    def __init__(self, ode):
-        self.ode = ode
-
-    def __call__(self, lam, x):
-        t = self.ode.schedule.t_of_half_log_snr(lam)
-        return self.ode(t, x) / self.ode.schedule.d_half_log_snr(t)
-
-
 def test_defaults_beat_diffusers_deis_at_ten_evaluations():
     schedule = VPSchedule.diffusers()
     mixture = GaussianMixture.default(dim=8)
@@ -34,7 +23,9 @@ def test_defaults_beat_diffusers_deis_at_ten_evaluations():
     t_start, t_end = 999.0, 0.0  # where diffusers' DEIS starts and the noise level its last step reaches
 
     lam = schedule.half_log_snr(torch.tensor([t_start, t_end], dtype=F64))
-    ref = reference.solve(InLambda(VPODE(model, schedule)), x_start, lam, rtol=1e-10, atol=1e-10).states[-1]
+    ref = reference.solve(reference.InHalfLogSNR(VPODE(model, schedule)), x_start, lam, rtol=1e-10, atol=1e-10).states[
+        -1
+    ]
 
     ours = torchdiffeq.odeint(
         VPODE(model, schedule), x_start, timesteps(schedule, 10, t_start=t_start, t_end=t_end), method="deis3"

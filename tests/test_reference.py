@@ -158,3 +158,17 @@ def test_forced_linear_property(a, x0, t0, span):
     # mode backwards), which no integrator avoids
     growth = math.exp(abs(a * span))
     torch.testing.assert_close(sol.states, expected, rtol=0, atol=1e-9 * scale * growth)
+
+
+def test_drift_in_half_log_snr_gives_the_states_at_the_matching_times():
+    # on the smooth VP-linear schedule the reference in t and the reference in lambda = log(alpha / sigma) must agree
+    from deis_ode import VPODE, VPSchedule
+    from deis_ode.diffusion import GaussianMixture, GaussianMixtureEps
+
+    schedule = VPSchedule.linear()
+    drift = VPODE(GaussianMixtureEps(GaussianMixture.default(dim=4), schedule), schedule)
+    x0 = torch.linspace(-2.0, 2.0, 8, dtype=torch.float64).reshape(2, 4)
+    t = torch.tensor([1.0, 0.5, 0.05], dtype=torch.float64)
+    in_t = reference.solve(drift, x0, t).states
+    in_lambda = reference.solve(reference.InHalfLogSNR(drift), x0, schedule.half_log_snr(t)).states
+    torch.testing.assert_close(in_lambda, in_t, rtol=1e-9, atol=1e-9)
