@@ -5,7 +5,6 @@
 ``dx/dt = L(t) x + W(t) N(t, x)`` with its linear part treated exactly.
 """
 
-from . import reference, verify
 from .diffusion import (
     VEODE,
     VPODE,
@@ -15,6 +14,7 @@ from .diffusion import (
     FlowSchedule,
     VESchedule,
     VPSchedule,
+    timesteps,
 )
 from .forms import DiffusionForm, LinearForm
 from .semilinear import SemiLinearODE
@@ -41,12 +41,18 @@ __all__ = [
     "reference",
     "register",
     "sdeint",
+    "timesteps",
     "verify",
 ]
 
 
 def __getattr__(name: str):
-    # The diffusers scheduler is imported on first use, so that ``import deis_ode`` works without diffusers.
+    # Imported on first use: the scipy reference integrator and the convergence tool (scipy.integrate), and the
+    # diffusers scheduler (so that ``import deis_ode`` works without diffusers).
+    if name in ("reference", "verify"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     if name == "DEISMultistepScheduler":
         from .scheduler import DEISMultistepScheduler
 

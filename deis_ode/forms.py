@@ -27,7 +27,7 @@ All callables take and return float64 tensors and are vectorised over their argu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -78,6 +78,8 @@ class DiffusionForm:
             Only methods that evaluate ``N`` between grid points (the rho-Runge-Kutta variants) need it.
         breakpoints: sorted times where the schedule is only piecewise smooth (the knots of an interpolated
             discrete schedule), or ``None``; quadratures over ``t`` are split there.
+        cache_key: a hashable value that identifies these functions (the same key means the same coefficients on the
+            same grid), or ``None``: the solvers then recompute the coefficients at every solve.
     """
 
     log_scale: TimeFn
@@ -88,6 +90,7 @@ class DiffusionForm:
     time_range: tuple[float, float]
     t_of_half_log_snr: TimeFn | None = None
     breakpoints: Tensor | None = None
+    cache_key: Hashable | None = None
 
     bases = ("t", "rho", "logrho")
 

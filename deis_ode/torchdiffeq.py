@@ -25,8 +25,6 @@ Options (anything else raises ``ValueError``):
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any
 
 import numpy as np
@@ -35,13 +33,15 @@ from torch import Tensor
 from torchdiffeq._impl import misc as _td_misc
 from torchdiffeq._impl.odeint import SOLVERS
 
-from .forms import DiffusionForm
+from .diffusion.exponential import diffusion_form
+from .forms import DiffusionForm, LinearForm
 from .semilinear import SemiLinearODE
+from .solvers.grid import prepare_grid
 from .solvers.ipndm import build_ipndm_plan, build_ipndm_v_plan, require_eps_diffusion
 from .solvers.multistep import WARMUPS, build_plan, place_plan, run_plan
 from .solvers.rho_rk import TABLEAUS, build_rho_rk_plan, place_rho_rk_plan, run_rho_rk
 
-_VALID_OPTIONS = ("basis", "warmup", "lower_order_final", "step_size", "grid_constructor")
+_VALID_OPTIONS = ("basis", "warmup", "lower_order_final", "step_size", "grid_constructor", "callback", "progress")
 # Always passed by torchdiffeq (tolerances and norm only matter to adaptive solvers).
 _IGNORED = ("rtol", "atol", "norm")
 
@@ -80,23 +80,21 @@ def unwrap(func: Any, method: str) -> tuple[SemiLinearODE, float]:
             )
 
 
-def _check_grid(grid: Tensor, name: str) -> None:
-    if grid.dim() != 1 or grid.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D tensor with at least two times, got shape {tuple(grid.shape)}")
-    values = grid.detach().to(device="cpu", dtype=torch.float64).numpy()  # a handful of host checks: numpy is cheaper
-    if not np.isfinite(values).all():
-        raise ValueError(f"{name} contains NaN or inf: {grid.tolist()}")
-    diff = np.diff(values)
-    if not (diff > 0).all():
-        i = int(np.flatnonzero(diff <= 0)[0])
-        raise ValueError(
-            f"{name} must be strictly monotone without repeated times; entries {i} and {i + 1} are "
-            f"{grid[i].item():.10g} and {grid[i + 1].item():.10g}"
-        )
+def _make_progress(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("option progress=True needs tqdm: pip install tqdm") from error
+    return tqdm(total=total, desc=desc)
 
 
 class DEISSolver:
-    """Base class of the registered ``deisK`` solvers; ``order`` is K."""
+    """Base class of the registered ``deisK`` solvers; ``order`` is K.
+
+    A solve is: one grid preparation (:func:`~deis_ode.solvers.grid.prepare_grid`), one plan of float64 coefficients
+    (:func:`~deis_ode.solvers.multistep.build_plan`, cached per grid and form), its placement on the state's device and
+    dtype, and one loop (:func:`~deis_ode.solvers.multistep.run_plan`).
+    """
 
     order: int
     _deis_ode_method = True  # marks classes registered by deis_ode (registration is idempotent)
@@ -111,13 +109,11 @@ class DEISSolver:
         lower_order_final: bool = False,
         step_size: float | None = None,
         grid_constructor: Any = None,
+        callback: Any = None,
+        progress: bool = False,
         **kwargs: Any,
     ) -> None:
         self._reject_unknown_options(kwargs, _VALID_OPTIONS)
-        if step_size is not None and grid_constructor is not None:
-            raise ValueError("options step_size and grid_constructor are mutually exclusive")
-        if step_size is not None and not (isinstance(step_size, (int, float)) and step_size > 0):
-            raise ValueError(f"option step_size must be a positive number, got {step_size!r}")
         self.func = func
         self.ode, self.sign = unwrap(func, self.method)
         self.form = self.ode.exponential_form()
@@ -131,10 +127,16 @@ class DEISSolver:
             raise ValueError(f"option warmup must be one of {list(WARMUPS)}, got {warmup!r}")
         if not isinstance(lower_order_final, bool):
             raise ValueError(f"option lower_order_final must be a bool, got {lower_order_final!r}")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"option callback must be a callable (step, t, x) -> None, got {callback!r}")
+        if not isinstance(progress, bool):
+            raise ValueError(f"option progress must be a bool, got {progress!r}")
         self.lower_order_final = lower_order_final
         self.step_size = step_size
         self.grid_constructor = grid_constructor
-        if y0.is_complex() is False and not (y0.is_floating_point()):
+        self.callback = callback
+        self.progress = progress
+        if not (y0.is_complex() or y0.is_floating_point()):
             raise TypeError(f"the initial state must be a floating point or complex tensor, got {y0.dtype}")
         self.y0 = y0
         self._check_linear_shape()
@@ -155,46 +157,59 @@ class DEISSolver:
         return {"callback_step"}
 
     def _check_linear_shape(self) -> None:
-        lin = getattr(self.form, "constant_linear", None)
-        if getattr(self.form, "matrix", False):
+        """The linear part and weight against the state: a constant ``L`` must broadcast to it (or be a matrix on its
+        last dimension); a callable ``L(t)`` is evaluated once at a time of the schedule's range and checked the
+        same way; ``W(t)`` must be a scalar."""
+        form = self.form
+        if not isinstance(form, LinearForm):
+            return
+        lin = form.constant_linear
+        what = "the linear part"
+        if lin is None:
+            t0 = torch.zeros((), dtype=torch.float64)
+            lin = torch.as_tensor(form.linear_fn(t0))
+            what = "the linear part L(t) (evaluated at t = 0)"
+            if form.weight_fn is not None:
+                w = torch.as_tensor(form.weight_fn(t0))
+                if w.numel() != 1:
+                    raise ValueError(
+                        f"the weight W(t) must be a scalar (one number per time), got shape {tuple(w.shape)} at t = 0; "
+                        "fold a vector weight into N"
+                    )
+        elif form.weight_fn is not None:
+            w = torch.as_tensor(form.weight_fn(torch.zeros((), dtype=torch.float64)))
+            if w.numel() != 1:
+                raise ValueError(
+                    f"the weight W(t) must be a scalar (one number per time), got shape {tuple(w.shape)} at t = 0; "
+                    "fold a vector weight into N"
+                )
+        if form.matrix:
             if self.y0.dim() == 0 or lin.shape[-1] != self.y0.shape[-1]:
                 raise ValueError(
                     f"the linear part is a {tuple(lin.shape)} matrix acting on the last dimension, which does not "
                     f"match the state's shape {tuple(self.y0.shape)}"
                 )
-        elif isinstance(lin, Tensor) and lin.dim() > 0:
+        elif lin.dim() > 0:
             try:
                 shape = torch.broadcast_shapes(lin.shape, self.y0.shape)
             except RuntimeError:
                 shape = None
             if shape != self.y0.shape:
                 raise ValueError(
-                    f"the linear part has shape {tuple(lin.shape)}, which does not broadcast to the state's "
-                    f"shape {tuple(self.y0.shape)}"
+                    f"{what} has shape {tuple(lin.shape)}, which does not broadcast to the state's shape "
+                    f"{tuple(self.y0.shape)}: give a scalar, a diagonal broadcastable to the state, or "
+                    "SemiLinearODE(..., matrix=True) for a (d, d) matrix acting on the last dimension"
                 )
 
-    def _grid(self, t: Tensor) -> Tensor:
-        """The integration grid in the solver's (increasing) time, in float64, containing every ``t``."""
-        t64 = t.detach().to(device="cpu", dtype=torch.float64)
-        _check_grid(t64, "t")
-        if self.step_size is not None:
-            pieces = [t64[:1]]
-            for a, b in zip(t64[:-1].tolist(), t64[1:].tolist(), strict=True):
-                n = max(1, math.ceil((b - a) / self.step_size - 1e-9))
-                pieces.append(torch.linspace(a, b, n + 1, dtype=torch.float64)[1:])
-            return torch.cat(pieces)
-        if self.grid_constructor is not None:
-            grid = torch.as_tensor(self.grid_constructor(self.func, self.y0, t)).detach()
-            grid = grid.to(device="cpu", dtype=torch.float64)
-            _check_grid(grid, "the grid from grid_constructor")
-            if grid[0] != t64[0] or grid[-1] != t64[-1]:
-                raise ValueError("grid_constructor must return a grid that starts at t[0] and ends at t[-1]")
-            return torch.unique(torch.cat([grid, t64]))
-        return t64
-
     def integrate(self, t: Tensor) -> Tensor:
-        grid = self._grid(t)
-        times = self.sign * grid  # the user's time
+        constructor = None
+        if self.grid_constructor is not None:
+
+            def constructor() -> Tensor:
+                return self.grid_constructor(self.func, self.y0, t)
+
+        grid = prepare_grid(t, step_size=self.step_size, grid_constructor=constructor, name="t", sign=self.sign)
+        times = self.sign * grid.times  # the user's time
         if isinstance(self.form, DiffusionForm):
             lo, hi = self.form.time_range
             bad = (times < lo) | (times > hi)
@@ -205,27 +220,67 @@ class DEISSolver:
             check_grid(times)
         real = self.y0.real.dtype if self.y0.is_complex() else self.y0.dtype
         t_state = times.to(device=self.y0.device, dtype=real)
-        outputs = torch.searchsorted(grid, t.detach().to("cpu", torch.float64)).tolist()
-        callback = getattr(self.func, "callback_step", None)
-        if callback is getattr(_td_misc, "_null_callback", None):
-            callback = None  # torchdiffeq's placeholder when the user's func has no callback_step
-        on_step = None
-        if callback is not None:
-            grid_state = grid.to(device=self.y0.device, dtype=real)
-            dts = grid_state[1:] - grid_state[:-1]
-
-            def on_step(n: int, x: Tensor) -> None:
-                callback(grid_state[n], x, dts[n])
-
-        states = self._solve(times, t_state, outputs, on_step)
+        on_step = self._on_step(grid.times, t_state)
+        try:
+            states = self._solve(times, t_state, grid.outputs, on_step)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
         return torch.stack(states)
+
+    def _on_step(self, grid: Tensor, t_state: Tensor) -> Any:
+        """``on_step(n, x_n)`` for the loop: torchdiffeq's ``callback_step`` (solver time, state, step), the option
+        ``callback(n, t_n, x_n)`` (the user's time) and the progress bar; ``None`` when there is none of them, so an
+        unobserved loop pays nothing."""
+        callback_step = getattr(self.func, "callback_step", None)
+        if callback_step is getattr(_td_misc, "_null_callback", None):
+            callback_step = None  # torchdiffeq's placeholder when the user's func has no callback_step
+        self._bar = _make_progress(grid.numel() - 1, self.method) if self.progress else None
+        hooks = []
+        if callback_step is not None:
+            grid_state = grid.to(device=t_state.device, dtype=t_state.dtype)
+            dts = grid_state[1:] - grid_state[:-1]
+            hooks.append(lambda n, x: callback_step(grid_state[n], x, dts[n]))
+        if self.callback is not None:
+            user = self.callback
+            hooks.append(lambda n, x: user(n, t_state[n], x))
+        if self._bar is not None:
+            bar = self._bar
+            hooks.append(lambda n, x: bar.update(1))
+        if not hooks:
+            return None
+        if len(hooks) == 1:
+            return hooks[0]
+
+        def on_step(n: int, x: Tensor) -> None:
+            for hook in hooks:
+                hook(n, x)
+
+        return on_step
+
+    def _nonlinear(self, times: Tensor) -> tuple[Any, np.ndarray | None, list[float] | None]:
+        """``(nonlinear, node_scale, shift)`` for the loop: a diffusion drift without thresholding hands the loop its
+        raw model output and the affine conversion to ``N`` (folded into the coefficients, see
+        :meth:`~deis_ode.diffusion.DiffusionODE.output_conversion`); any other ODE its ``nonlinear_part``."""
+        conversion = getattr(self.ode, "output_conversion", None)
+        if conversion is not None:
+            folded = conversion(times[:-1])  # N is evaluated at every grid point but the last
+            if folded is not None:
+                scale, shift = folded
+                node_scale = np.append(scale.numpy(), 1.0)
+                if bool((scale == 1.0).all()):
+                    node_scale = None
+                shift_list = None if bool((shift == 0.0).all()) else shift.tolist()
+                return self.ode.model_output, node_scale, shift_list
+        return self.ode.nonlinear_part, None, None
 
     def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
         """Run the method on the grid ``times`` (the user's time, float64 on the host; ``t_state`` is the same grid
         on the state's device and real dtype) and return the states at the grid indices ``outputs``."""
-        plan = build_plan(self.form, self.basis, times, self.order, self.warmup, self.lower_order_final)
-        place_plan(plan, self.y0)
-        return run_plan(plan, self.ode.nonlinear_part, self.y0, t_state, outputs, on_step)
+        nonlinear, node_scale, shift = self._nonlinear(times)
+        plan = build_plan(self.form, self.basis, times, self.order, self.warmup, self.lower_order_final, node_scale)
+        placed = place_plan(plan, self.y0)
+        return run_plan(placed, nonlinear, self.y0, t_state, outputs, on_step, shift=shift)
 
     def integrate_until_event(self, t0: Tensor, event_fn: Any) -> Any:
         raise NotImplementedError(f"method {self.method!r} does not support event_fn; use a torchdiffeq method")
@@ -238,19 +293,7 @@ def _make(order: int) -> type[DEISSolver]:
 
 METHODS: dict[str, type[DEISSolver]] = {f"deis{k}": _make(k) for k in range(1, 6)}
 
-_VARIANT_OPTIONS = ("step_size", "grid_constructor")
-
-
-def _eps_from_x0(x0_prediction: Any, form: DiffusionForm) -> Any:
-    """``(t, x) -> eps = (x - alpha x0) / sigma`` from the x0 prediction of an x0-split drift (``form``)."""
-
-    def eps(t: Tensor, x: Tensor) -> Tensor:
-        t64 = t.to(torch.float64)
-        alpha = torch.exp(form.log_cofactor(t64)).to(x.dtype)
-        sigma = torch.exp(form.log_scale(t64)).to(x.dtype)
-        return (x - alpha * x0_prediction(t, x)) / sigma
-
-    return eps
+_VARIANT_OPTIONS = ("step_size", "grid_constructor", "callback", "progress")
 
 
 class DiffusionVariantSolver(DEISSolver):
@@ -270,16 +313,30 @@ class DiffusionVariantSolver(DEISSolver):
         *,
         step_size: float | None = None,
         grid_constructor: Any = None,
+        callback: Any = None,
+        progress: bool = False,
         **kwargs: Any,
     ) -> None:
         self._reject_unknown_options(kwargs, _VARIANT_OPTIONS)
-        super().__init__(func, y0, step_size=step_size, grid_constructor=grid_constructor, **kwargs)
-        form = self.form
-        self._nonlinear = self.ode.nonlinear_part
-        if isinstance(form, DiffusionForm) and form.sign == 1:
-            # An x0-split drift describes the same ODE: integrate its eps split, with eps = (x - alpha x0) / sigma.
-            self.form = dataclasses.replace(form, log_scale=form.log_cofactor, log_cofactor=form.log_scale, sign=-1)
-            self._nonlinear = _eps_from_x0(self.ode.nonlinear_part, form)
+        super().__init__(
+            func,
+            y0,
+            step_size=step_size,
+            grid_constructor=grid_constructor,
+            callback=callback,
+            progress=progress,
+            **kwargs,
+        )
+        self._eps = self.ode.nonlinear_part
+        if isinstance(self.form, DiffusionForm) and self.form.sign == 1:
+            # An x0-split drift describes the same ODE: integrate its eps split (the model's eps prediction).
+            ode = self.ode
+            self.form = diffusion_form(ode.schedule, "eps")
+
+            def eps(t: Tensor, x: Tensor) -> Tensor:
+                return ode.predict(t, x, "eps")
+
+            self._eps = eps
         require_eps_diffusion(self.form, self.method)
 
 
@@ -293,7 +350,7 @@ class IPNDMSolver(DiffusionVariantSolver):
 
     def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
         plan = place_plan(self.build(self.form, times), self.y0)
-        return run_plan(plan, self._nonlinear, self.y0, t_state, outputs, on_step)
+        return run_plan(plan, self._eps, self.y0, t_state, outputs, on_step)
 
 
 class IPNDMVSolver(IPNDMSolver):
@@ -310,7 +367,7 @@ class RhoRKSolver(DiffusionVariantSolver):
     def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
         plan = place_rho_rk_plan(build_rho_rk_plan(self.form, times, self.order), self.y0)
         stage_times = plan.stage_times.to(device=t_state.device, dtype=t_state.dtype)
-        return run_rho_rk(plan, self._nonlinear, self.y0, stage_times, outputs, on_step)
+        return run_rho_rk(plan, self._eps, self.y0, stage_times, outputs, on_step)
 
 
 def _make_rk(order: int) -> type[RhoRKSolver]:

@@ -86,8 +86,9 @@ class _CountingModule(nn.Module):
 
 
 @contextmanager
-def count_evaluations(ode: Any, attribute: str = "nonlinear") -> Iterator[EvaluationCounter]:
-    """Count the evaluations of ``ode.nonlinear`` inside a ``with`` block.
+def count_evaluations(ode: Any, attribute: str | None = None) -> Iterator[EvaluationCounter]:
+    """Count the evaluations of ``ode.nonlinear`` (of ``ode.model`` for a diffusion drift, whose solvers may call the
+    model directly and fold its conversion into their coefficients) inside a ``with`` block.
 
     The instance attribute is replaced by a counting wrapper and restored on exit, even on an
     error. Every solver reaches ``N`` through it: the ``deis*`` methods directly, and the
@@ -99,6 +100,8 @@ def count_evaluations(ode: Any, attribute: str = "nonlinear") -> Iterator[Evalua
             torchdiffeq.odeint(ode, x0, grid, method="deis3")
         print(calls.count)
     """
+    if attribute is None:
+        attribute = "model" if hasattr(ode, "model") and hasattr(ode, "output_conversion") else "nonlinear"
     if not hasattr(ode, attribute):
         raise TypeError(f"{type(ode).__name__} has no attribute {attribute!r} to count")
     original = getattr(ode, attribute)

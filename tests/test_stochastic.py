@@ -245,7 +245,7 @@ def test_errors():
         sdeint(sde, x, -t, bm=lambda a, b: torch.zeros(2, 3, dtype=F64))
     with pytest.raises(ValueError, match="basis must be one of"):
         sdeint(sde, x, -t, basis="lambda")
-    with pytest.raises(ValueError, match="dt must be a positive number"):
+    with pytest.raises(ValueError, match="dt must be a positive finite number"):
         sdeint(sde, x, -t, dt=-0.1)
     with pytest.raises(ValueError, match="time range"):
         sdeint(sde, x, torch.tensor([-1.5, -0.5], dtype=F64))

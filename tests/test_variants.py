@@ -30,6 +30,11 @@ VARIANTS = ["ipndm", "ipndm_v", *RK]
 SCHEDULE = VPSchedule.linear()
 
 
+def _stack(weights) -> torch.Tensor:
+    """A plan's weights (float64 tensors or Python floats) as one float64 tensor."""
+    return torch.stack([torch.as_tensor(w, dtype=torch.float64) for w in weights])
+
+
 def rho_of(t):
     return torch.exp(-SCHEDULE.half_log_snr(torch.as_tensor(t, dtype=F64)))
 
@@ -115,7 +120,7 @@ def test_ipndm_v_second_step_has_the_variable_step_ab2_coefficients():
     h1, h0 = rho[2] - rho[1], rho[1] - rho[0]
     r = h1 / h0
     expected = alpha[2] * h1 * torch.stack([1 + r / 2, -r / 2])
-    assert torch.allclose(torch.stack(update.weights), expected, rtol=1e-12, atol=0)
+    assert torch.allclose(_stack(update.weights), expected, rtol=1e-12, atol=0)
     assert [len(u.nodes) for u in plan.main] == [1, 2, 3, 4, 4, 4]
 
 
@@ -128,9 +133,9 @@ def test_ipndm_uses_the_fixed_coefficients_and_agrees_with_ipndm_v_only_on_grids
             assert a.nodes == b.nodes == tuple(range(n, n - min(4, n + 1), -1))
             ddim = alpha[n + 1] * (rho[n + 1] - rho[n])
             expected = torch.tensor([float(c) for c in IPNDM_COEFFICIENTS[len(a.nodes)]], dtype=F64) * ddim
-            assert torch.allclose(torch.stack(a.weights), expected, rtol=1e-12, atol=0)
+            assert torch.allclose(_stack(a.weights), expected, rtol=1e-12, atol=0)
             assert float(a.transition) == pytest.approx(float(b.transition), rel=1e-15)
-            close = torch.allclose(torch.stack(a.weights), torch.stack(b.weights), rtol=1e-9, atol=0)
+            close = torch.allclose(_stack(a.weights), _stack(b.weights), rtol=1e-9, atol=0)
             assert close == (uniform or n == 0), (n, uniform)
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..forms import DiffusionForm
 from ..semilinear import SemiLinearODE
+from .exponential import EXTRAPOLATE_TYPES, diffusion_form
 from .predictions import check_prediction, conversion_coefficients
 from .schedules import NoiseSchedule, VESchedule, VPSchedule, as_float64
 from .thresholding import check_thresholding, threshold
@@ -30,8 +31,6 @@ from .thresholding import check_thresholding, threshold
 __all__ = ["DiffusionODE", "VEODE", "VPODE"]
 
 Model = Callable[[Tensor, Tensor], Tensor]
-
-EXTRAPOLATE_TYPES: tuple[str, ...] = ("eps", "x0")
 
 
 class DiffusionODE(SemiLinearODE):
@@ -141,18 +140,59 @@ class DiffusionODE(SemiLinearODE):
     def _nonlinear(self, t: Tensor, x: Tensor) -> Tensor:
         """``N(t, x)``: the model's output converted to the extrapolated prediction (eps or x0), through the
         thresholded data prediction when ``thresholding`` is set."""
+        return self.predict(t, x, self.extrapolate)
+
+    def model_output(self, t: Tensor, x: Tensor) -> Tensor:
+        """``model(x, t)``, ``t`` as a 0-dim tensor of ``x``'s dtype on its device; checked to have ``x``'s shape."""
         t = torch.as_tensor(t)
         if t.numel() != 1:
             raise ValueError(f"t must be a single time, got shape {tuple(t.shape)}")
-        output = self.model(x, t.reshape(()).to(device=x.device, dtype=x.dtype))
+        if t.dim() != 0 or t.dtype != x.dtype or t.device != x.device:
+            t = t.reshape(()).to(device=x.device, dtype=x.dtype)
+        output = self.model(x, t)
         if not isinstance(output, Tensor) or output.shape != x.shape:
             shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
             raise ValueError(f"model(x, t) returned {shape}; expected a tensor of the state's shape {tuple(x.shape)}")
+        return output
+
+    def predict(self, t: Tensor, x: Tensor, target: str) -> Tensor:
+        """The model's prediction of type ``target`` (``"eps"`` or ``"x0"``) at ``(t, x)``, thresholded as
+        configured."""
+        output = self.model_output(t, x)
+        t = torch.as_tensor(t)
         if self.thresholding is None:
-            return self._convert(t, x, output, self.prediction, self.extrapolate)
+            return self._convert(t, x, output, self.prediction, target)
         x0 = self._convert(t, x, output, self.prediction, "x0")
         x0 = threshold(x0, self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value)
-        return self._convert(t, x, x0, "x0", self.extrapolate)
+        return self._convert(t, x, x0, "x0", target)
+
+    def output_conversion(self, times: Tensor, target: str | None = None) -> tuple[Tensor, Tensor] | None:
+        r"""Float64 ``(c, r)`` at each of ``times`` with ``N(t, x) = c(t) (y + r(t) x)``, ``y`` the model's output
+        (:meth:`model_output`) and ``N`` the prediction of type ``target`` (default: the extrapolated one); or
+        ``None`` when ``N`` is not affine in ``y`` (thresholding) or the conversion is not finite at one of the times
+        (e.g. eps from x0 where ``sigma = 0``).
+
+        The solvers fold ``c`` into their coefficients and store ``y + r x``: one tensor operation per evaluation
+        (none when the model predicts ``target`` itself), instead of the conversion's two plus its schedule
+        arithmetic."""
+        if self.thresholding is not None:
+            return None
+        target = self.extrapolate if target is None else target
+        times = as_float64(times).detach().reshape(-1).cpu()
+        if self.prediction == target:
+            return torch.ones_like(times), torch.zeros_like(times)
+        schedule = self.schedule
+        d_alpha = d_sigma = None
+        if self.prediction == "flow":
+            d_alpha, d_sigma = schedule.d_alpha(times), schedule.d_sigma(times)
+        c_x, c_out = conversion_coefficients(
+            self.prediction, target, schedule.alpha(times), schedule.sigma(times), d_alpha, d_sigma
+        )
+        c_x, c_out = torch.broadcast_tensors(c_x, c_out)
+        ratio = c_x / torch.where(c_out == 0, 1.0, c_out)
+        if not bool((torch.isfinite(c_out) & torch.isfinite(ratio) & (c_out != 0)).all()):
+            return None
+        return c_out, ratio
 
     def _convert(self, t: Tensor, x: Tensor, output: Tensor, source: str, target: str) -> Tensor:
         """``output``, a prediction of type ``source`` at ``(t, x)``, as a prediction of type ``target``."""
@@ -195,22 +235,9 @@ class DiffusionODE(SemiLinearODE):
 
     def exponential_form(self) -> DiffusionForm:
         r"""``Phi(t, tau) W(tau) dtau = m(t) d[exp(sign lambda(tau))]``: ``m = alpha``, ``c = sigma``, ``sign = -1``
-        for the eps split; ``m = sigma``, ``c = alpha``, ``sign = +1`` for the x0 split."""
-        schedule = self.schedule
-        if self.extrapolate == "eps":
-            log_scale, log_cofactor, sign = schedule.log_alpha, schedule.log_sigma, -1
-        else:
-            log_scale, log_cofactor, sign = schedule.log_sigma, schedule.log_alpha, 1
-        return DiffusionForm(
-            log_scale=log_scale,
-            log_cofactor=log_cofactor,
-            sign=sign,
-            half_log_snr=schedule.half_log_snr,
-            d_half_log_snr=schedule.d_half_log_snr,
-            time_range=schedule.time_range,
-            t_of_half_log_snr=schedule.t_of_half_log_snr,
-            breakpoints=schedule.breakpoints,
-        )
+        for the eps split; ``m = sigma``, ``c = alpha``, ``sign = +1`` for the x0 split
+        (:func:`~deis_ode.diffusion.exponential.diffusion_form`)."""
+        return diffusion_form(self.schedule, self.extrapolate)
 
     # --- stochastic sampling (see deis_ode.diffusion.sde) -----------------------------------------------------
 

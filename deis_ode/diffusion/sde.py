@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..forms import DiffusionForm
+from .exponential import diffusion_form
 from .schedules import NoiseSchedule, VPSchedule, as_float64
 
 if TYPE_CHECKING:
@@ -236,45 +237,12 @@ class ReverseDiffusionSDE(nn.Module):
 
         * eps split: ``m = nu alpha``, ``c = nu sigma``, ``sign = -1`` (``Phi = alpha_b / alpha_a``);
         * x0 split: ``m = sigma exp(-eta^2 lambda)``, ``c = alpha``, ``sign = nu = 1 + eta^2``
-          (``Phi = (sigma_b / sigma_a) exp(-eta^2 (lambda_b - lambda_a))``).
+          (``Phi = (sigma_b / sigma_a) exp(-eta^2 (lambda_b - lambda_a))``),
 
-        With ``eta = 0`` both are the drift's own form (in ``s``), so the integrator is the ODE method.
+        built by :func:`~deis_ode.diffusion.exponential.diffusion_form`. With ``eta = 0`` both are the drift's own
+        form (in ``s``), so the integrator is the ODE method.
         """
-        schedule = self.schedule
-        eta2 = self.eta**2
-        if self.drift.extrapolate == "x0":
-            log_cofactor = schedule.log_alpha
-            if eta2 == 0.0:  # exactly the drift's form (and no 0 * inf where lambda is infinite)
-                log_scale, sign = schedule.log_sigma, 1
-            else:
-                sign = 1.0 + eta2
-
-                def log_scale(t: Tensor) -> Tensor:
-                    return schedule.log_sigma(t) - eta2 * schedule.half_log_snr(t)
-
-        else:
-            sign = -1
-            if eta2 == 0.0:
-                log_scale, log_cofactor = schedule.log_alpha, schedule.log_sigma
-            else:
-                log_nu = math.log1p(eta2)
-
-                def log_scale(t: Tensor) -> Tensor:
-                    return schedule.log_alpha(t) + log_nu
-
-                def log_cofactor(t: Tensor) -> Tensor:
-                    return schedule.log_sigma(t) + log_nu
-
-        lo, hi = schedule.time_range
-        return DiffusionForm(
-            log_scale=_in_solver_time(log_scale),
-            log_cofactor=_in_solver_time(log_cofactor),
-            sign=sign,
-            half_log_snr=_in_solver_time(schedule.half_log_snr),
-            d_half_log_snr=lambda s: -schedule.d_half_log_snr(-as_float64(s)),
-            time_range=(-hi, -lo),
-            t_of_half_log_snr=lambda lam: -schedule.t_of_half_log_snr(lam),
-        )
+        return diffusion_form(self.schedule, self.drift.extrapolate, self.eta, solver_time=True)
 
     def noise_variance(self, s_a: Tensor | float, s_b: Tensor | float) -> Tensor:
         r"""The exact variance of the noise injected over a step from ``s_a`` to ``s_b > s_a`` (float64):
@@ -293,8 +261,3 @@ class ReverseDiffusionSDE(nn.Module):
         if self.drift.extrapolate == "x0":
             return -torch.exp(2.0 * schedule.log_sigma(t[1])) * torch.expm1(-2.0 * eta2 * h)
         return -eta2 * torch.exp(2.0 * (schedule.log_alpha(t[1]) - lam_a)) * torch.expm1(-2.0 * h)
-
-
-def _in_solver_time(fn):
-    """``s -> fn(-s)`` in float64."""
-    return lambda s: fn(-as_float64(s))

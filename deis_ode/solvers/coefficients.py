@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..forms import DiffusionForm, ExponentialForm, LinearForm
 from . import quadrature
-from .phi import phi_functions
+from .phi import phi_functions, phi_functions_host
 
 F64 = torch.float64
 
@@ -102,7 +102,7 @@ def batched_weights_from_phi(phis: np.ndarray, h: np.ndarray, theta: list[list[f
     ``theta``; returns ``(U, k, *shape)``."""
     k, u = phis.shape[:2]
     factorials = np.array([math.factorial(i) for i in range(k)], dtype=np.float64)
-    a = np.array([_lagrange_rows(nodes) for nodes in theta], dtype=np.float64) * factorials  # (U, j, k)
+    a = lagrange_monomials_batched(np.array(theta, dtype=np.float64).reshape(u, k)) * factorials  # (U, j, k)
     flat = phis.reshape(k, u, -1).transpose(1, 0, 2)  # (U, k, S)
     out = np.matmul(a.astype(phis.dtype), flat) * h.reshape(u, 1, 1)
     return out.reshape(u, k, *phis.shape[2:])
@@ -154,8 +154,13 @@ class LinearIntegral:
         self.a, self.b = a, b
         for n in self.DEGREES:
             x, _, _ = _legendre_matrices(n)
-            vals = _call_scalar(linear_fn, 0.5 * (a + b) + 0.5 * (b - a) * x)
+            nodes = 0.5 * (a + b) + 0.5 * (b - a) * x
+            vals = _call_scalar(linear_fn, nodes)
             vals = vals.to(torch.complex128 if vals.is_complex() else F64)
+            finite = torch.isfinite(vals.detach()).reshape(n, -1).all(dim=1)
+            if not bool(finite.all()):
+                where = float(nodes[~finite][0])
+                raise ValueError(f"the linear part L(t) is NaN or infinite at t = {where:.8g}")
             _, coef = _legendre_antiderivative(vals, torch.zeros(1, dtype=F64), n)
             tail = coef[-3:].detach().abs().max()
             if tail <= 1e-13 * coef.detach().abs().max() or coef.detach().abs().max() == 0:
@@ -324,3 +329,170 @@ def _quadrature_weights(
 
     what = f"the {basis}-basis weights on [{t_a.item():.6g}, {t_b.item():.6g}]"
     return quadrature.integrate(integrand, t_a, t_b, what, breakpoints)
+
+
+# --- all steps of a grid at once ------------------------------------------------------------------------------------
+
+
+def lagrange_monomials_batched(theta: np.ndarray) -> np.ndarray:
+    """:func:`lagrange_monomials` for ``U`` node sets at once: ``theta`` of shape ``(U, K)`` (float64) gives
+    ``a[u, j, k]``, shape ``(U, K, K)``, by the same products of linear factors, vectorised over ``U``."""
+    theta = np.asarray(theta, dtype=np.float64)
+    u, k = theta.shape
+    out = np.zeros((u, k, k))
+    for j in range(k):
+        poly = np.zeros((u, k))
+        poly[:, 0] = 1.0
+        for i in range(k):
+            if i == j:
+                continue
+            d = (theta[:, j] - theta[:, i])[:, None]
+            shifted = np.concatenate([np.zeros((u, 1)), poly[:, :-1]], axis=1)
+            poly = (shifted - theta[:, i : i + 1] * poly) / d
+        out[:, j] = poly
+    return out
+
+
+def _pieces(a: Tensor, b: Tensor, breakpoints: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(left, right, owner)``: the intervals ``[min(a, b), max(a, b)]`` of every step cut at the ``breakpoints``
+    strictly inside, as ascending pieces, and the step each piece belongs to."""
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    steps = torch.arange(a.numel())
+    if breakpoints is None or breakpoints.numel() == 0:
+        return lo, hi, steps
+    knots = breakpoints.to(F64)
+    first = torch.searchsorted(knots, lo, right=True)
+    inside = torch.searchsorted(knots, hi, right=False) - first  # knots strictly inside each step
+    inside = torch.clamp(inside, min=0)
+    owner = torch.repeat_interleave(steps, inside + 1)
+    offsets = torch.cumsum(inside + 1, 0) - (inside + 1)
+    k = torch.arange(owner.numel()) - offsets[owner]  # the index of each piece within its step
+    last = knots.numel() - 1
+    left = torch.where(k == 0, lo[owner], knots[torch.clamp(first[owner] + k - 1, 0, last)])
+    right = torch.where(k == inside[owner], hi[owner], knots[torch.clamp(first[owner] + k, 0, last)])
+    return left, right, owner
+
+
+def batched_quadrature_moments(
+    form: DiffusionForm, basis: str, t_a: Tensor, t_b: Tensor, log_m_b: Tensor, u_a: Tensor, h: Tensor, kmax: int
+) -> Tensor:
+    r"""``M[s, k] = \int_{t_a}^{t_b} kernel_s(tau) theta_s(tau)^k dtau`` for every step ``s`` at once, ``k <= kmax``,
+    with ``kernel_s(tau) = sign lambda'(tau) exp(log m(t_b) + sign lambda(tau))`` (the diffusion kernel
+    ``Phi(t_b, tau) W(tau)``) and ``theta_s = (u(tau) - u_a) / h``.
+
+    The same rule as :func:`~deis_ode.solvers.quadrature.integrate`, vectorised over the steps: Gauss-Legendre on
+    the smoothstep-mapped pieces between breakpoints, node counts doubled from 16 until two successive counts agree
+    to :data:`~deis_ode.solvers.quadrature.RELATIVE_TOLERANCE` on every step (only the steps not yet converged are
+    recomputed).
+
+    Raises:
+        RuntimeError: a step on which 512 nodes per piece do not reach the tolerance.
+    """
+    s = form.sign
+    steps = t_a.numel()
+    result = torch.zeros(steps, kmax + 1, dtype=F64)
+    active = torch.arange(steps)
+    previous = None
+    powers = torch.arange(kmax + 1, dtype=F64)
+    for n in quadrature.NODE_COUNTS:
+        left, right, owner = _pieces(t_a[active], t_b[active], form.breakpoints)
+        unit, weights = quadrature._legendre_unit(n)
+        width = (right - left)[:, None]
+        near_left = left[:, None] + width * (unit * unit * (3.0 - 2.0 * unit))
+        near_right = right[:, None] - width * ((1.0 - unit) ** 2 * (1.0 + 2.0 * unit))
+        tau = torch.where(unit < 0.5, near_left, near_right)  # (pieces, n)
+        w = weights * width * (6.0 * unit * (1.0 - unit))
+        flat = tau.reshape(-1)
+        lam = form.half_log_snr(flat).reshape(tau.shape)
+        kernel = s * form.d_half_log_snr(flat).reshape(tau.shape) * torch.exp(log_m_b[active][owner][:, None] + s * lam)
+        u = flat.reshape(tau.shape) if basis == "t" else basis_values(form, basis, flat).reshape(tau.shape)
+        theta = (u - u_a[active][owner][:, None]) / h[active][owner][:, None]
+        per_piece = torch.einsum("pq,pqk->pk", w * kernel, theta[..., None] ** powers)
+        value = torch.zeros(active.numel(), kmax + 1, dtype=F64).index_add_(0, owner, per_piece)
+        value = value * torch.where(t_b[active] > t_a[active], 1.0, -1.0)[:, None]
+        if previous is not None:
+            scale = value.abs().amax(dim=1)
+            done = ((value - previous).abs().amax(dim=1) <= quadrature.RELATIVE_TOLERANCE * scale) | (scale == 0)
+            result[active[done]] = value[done]
+            active, value = active[~done], value[~done]
+            if active.numel() == 0:
+                return result
+        previous = value
+    i = int(active[0])
+    raise RuntimeError(
+        f"Gauss-Legendre quadrature of the {basis}-basis weights on [{t_a[i].item():.6g}, {t_b[i].item():.6g}] did not "
+        f"reach relative accuracy {quadrature.RELATIVE_TOLERANCE} with {quadrature.NODE_COUNTS[-1]} nodes; the "
+        "integrand varies too fast across one step: use more steps"
+    )
+
+
+def batched_diffusion_coefficients(
+    form: DiffusionForm, basis: str, times: Tensor, specs: list[tuple[int, int, tuple[int, ...]]]
+) -> list[tuple[float, list[float]] | None]:
+    r"""``(Phi, [C_0, ..])`` of every update ``(source, target, nodes)`` of a diffusion plan on the float64 grid
+    ``times``, all steps at once: the schedule is evaluated once per grid point, and each step's moments
+    ``M_k = \int kernel theta^k`` (closed forms in the bases that have them, :func:`batched_quadrature_moments`
+    otherwise) serve every update over that step through ``C_j = sum_k a_{jk} M_k``. ``M_0`` is always the closed form
+    ``-c(t_b) expm1(sign (lambda_a - lambda_b))`` (the DDIM weight).
+
+    Entries are ``None`` for updates whose step touches an end where ``sigma = 0`` or ``alpha = 0`` (an infinite
+    ``lambda`` or logarithm): :func:`step_coefficients` treats those limits one step at a time.
+    """
+    if not specs:
+        return []
+    times = times.to(F64)
+    s = form.sign
+    lam = form.half_log_snr(times)
+    log_m = form.log_scale(times)
+    log_c = form.log_cofactor(times)
+    u = basis_values(form, basis, times)
+    target_of = {source: target for source, target, _ in specs}  # every update from a grid point takes one step
+    sources = sorted(target_of)
+    index = {n: i for i, n in enumerate(sources)}
+    a_idx = torch.tensor(sources, dtype=torch.long)
+    b_idx = torch.tensor([target_of[n] for n in sources], dtype=torch.long)
+    lam_a, lam_b, log_m_a, log_m_b, log_c_b = lam[a_idx], lam[b_idx], log_m[a_idx], log_m[b_idx], log_c[b_idx]
+    u_a, u_b = u[a_idx], u[b_idx]
+    finite = torch.stack([lam_a, lam_b, log_m_a, log_m_b, log_c_b, u_a, u_b]).isfinite().all(dim=0)
+    h = torch.where(finite, u_b - u_a, 1.0)
+    transition = torch.exp(log_m_b - log_m_a)
+    kmax = max(len(nodes) for _, _, nodes in specs) - 1
+    moments = torch.zeros(len(sources), kmax + 1, dtype=F64)
+    c_b = torch.exp(log_c_b)
+    moments[:, 0] = -c_b * torch.expm1(s * (lam_a - lam_b))
+    need = torch.zeros(len(sources), dtype=torch.bool)
+    for source, _, nodes in specs:
+        if len(nodes) > 1:
+            need[index[source]] = True
+    need &= finite
+    if kmax > 0 and bool(need.any()):
+        k = torch.arange(1, kmax + 1, dtype=F64)
+        factorials = torch.tensor([math.factorial(int(i)) for i in k.tolist()], dtype=F64)
+        if basis == "logrho":
+            z = (s * h).numpy()
+            phis = torch.from_numpy(phi_functions_host(z, kmax + 1))[2:].T  # phi_2 .. phi_{kmax+1}: (steps, kmax)
+            moments[:, 1:] = (-s * c_b * h)[:, None] * factorials * phis
+        elif basis == "rho" and s == -1:
+            moments[:, 1:] = (torch.exp(log_m_b) * h)[:, None] / (k + 1.0)
+        else:
+            sel = torch.nonzero(need).reshape(-1)
+            quad = batched_quadrature_moments(
+                form, basis, times[a_idx[sel]], times[b_idx[sel]], log_m_b[sel], u_a[sel], h[sel], kmax
+            )
+            moments[sel, 1:] = quad[:, 1:]
+    out: list[tuple[float, list[float]] | None] = [None] * len(specs)
+    transitions = transition.tolist()
+    finite_list = finite.tolist()
+    by_size: dict[int, list[int]] = {}
+    for i, (source, _, nodes) in enumerate(specs):
+        if finite_list[index[source]]:
+            by_size.setdefault(len(nodes), []).append(i)
+    u_np, h_np, moments_np = u.numpy(), h.numpy(), moments.numpy()
+    for size, members in by_size.items():
+        rows = np.array([index[specs[i][0]] for i in members])
+        nodes = np.array([specs[i][2] for i in members])
+        theta = (u_np[nodes] - u_np[a_idx.numpy()[rows]][:, None]) / h_np[rows][:, None]
+        weights = np.einsum("ujk,uk->uj", lagrange_monomials_batched(theta), moments_np[rows, :size])
+        for i, row, w in zip(members, rows.tolist(), weights.tolist(), strict=True):
+            out[i] = (transitions[row], w)
+    return out

@@ -17,8 +17,8 @@ into a device buffer (in float64 or complex128, so that a float32 state cannot o
 only a sum beyond 1.8e308 in magnitude would be reported as non-finite), which is read once after the loop.
 
 The buffer is written in place, so this path serves solves that autograd does not track; the engine
-(:func:`deis_ode.solvers.multistep.run_plan`) decides. ``N`` receives the state as a row of the buffer, which the
-next step overwrites: a nonlinear part that keeps its input beyond the call must copy it.
+(:func:`deis_ode.solvers.multistep.run_plan`) decides. ``N`` receives a copy of the state row (one more small
+operation per step), so a nonlinear part may keep its input.
 """
 
 from __future__ import annotations
@@ -39,12 +39,6 @@ def exact_dtype(x: Tensor) -> torch.dtype:
     if x.device.type == "mps":
         return x.dtype
     return torch.complex128 if x.is_complex() else torch.float64
-
-
-def finiteness_sum(value: Tensor) -> Tensor:
-    """A device scalar that is finite exactly when every entry of ``value`` is (barring a float64 sum beyond
-    1.8e308): one reduction, where ``isfinite(value).all()`` takes two passes and a boolean tensor."""
-    return torch.sum(value.detach(), dtype=exact_dtype(value))
 
 
 def _base_stack(update: Update, like: Tensor) -> Tensor:
@@ -95,18 +89,24 @@ def run_fused(
     nonlinear: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
     history: dict[int, Tensor],
-    times: Tensor,
+    grid: list[Tensor],
     wanted: set[int],
     on_step: Callable[[int, Tensor], None] | None = None,
+    shift: list[float] | None = None,
 ) -> tuple[dict[int, Tensor], FusedCheck]:
     """Run the main ``updates`` (consecutive steps ``n -> n + 1``) from ``x = x_n`` of the first one.
 
     Args:
         history: ``N_i`` for the nodes before the first update's source, and for that source itself (already
             evaluated and checked by the caller); only the last ``order`` are used.
-        times: the grid on the state's device in the state's real dtype (what ``nonlinear`` receives).
+        grid: the grid times as 0-dim tensors on the state's device in the state's real dtype (what ``nonlinear``
+            receives).
         wanted: the grid indices whose states are returned.
-        on_step: called as ``on_step(n, x_n)`` before step ``n`` (with a copy of the state).
+        on_step: called as ``on_step(n, x_n)`` before step ``n``.
+        shift: as for :func:`~deis_ode.solvers.multistep.run_plan`: the row of ``N_n`` receives
+            ``nonlinear(t_n, x_n) + shift[n] x_n``.
+
+    ``nonlinear`` and ``on_step`` receive a copy of the state (the buffer row is overwritten by the next step).
 
     Returns:
         The states at the ``wanted`` indices reached by the loop (the final state among them when it is wanted),
@@ -127,18 +127,27 @@ def run_fused(
     check_rows = checks.unbind(0)
     checked_at: list[int] = []
     results: dict[int, Tensor] = {}
+    shape = x.shape
 
     def check(n: int) -> None:
         torch.sum(values, dim=1, dtype=exact, out=check_rows[len(checked_at)])
         checked_at.append(n)
 
-    grid = times.unbind(0)  # indexing a list of 0-dim views costs less than indexing the tensor each step
     for k, (update, stack) in enumerate(zip(updates, stacks, strict=True)):
         n = update.source
         if k > 0:
+            current = state.clone()  # what the user's code sees is never overwritten
             if on_step is not None:
-                on_step(n, state.clone())
-            rows[n % order].copy_(nonlinear(grid[n], state))
+                on_step(n, current)
+            out = nonlinear(grid[n], current)
+            if out.shape != shape:
+                raise ValueError(
+                    f"N(t, x) returned shape {tuple(out.shape)}; expected the state's shape {tuple(shape)}"
+                )
+            if shift is not None and shift[n] != 0.0:
+                torch.add(out, current, alpha=shift[n], out=rows[n % order])
+            else:
+                rows[n % order].copy_(out)
         if n % order == order - 1:
             check(n)
         torch.sum(torch.mul(stack, buffer, out=scratch), dim=0, out=state)

@@ -33,6 +33,8 @@ the host.
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -40,9 +42,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..forms import ExponentialForm, LinearForm
-from .coefficients import batched_weights_from_phi, step_coefficients
-from .fused import finiteness_sum, run_fused
+from ..forms import DiffusionForm, ExponentialForm, LinearForm
+from .coefficients import batched_diffusion_coefficients, batched_weights_from_phi, step_coefficients
+from .fused import run_fused
 from .phi import phi_functions_host
 
 F64 = torch.float64
@@ -61,7 +63,7 @@ class Update:
     source: int
     target: int
     nodes: tuple[int, ...]
-    transition: object  # float64 tensor while planning; Python number or state-dtype tensor once placed
+    transition: object  # float64 tensor or Python float while planning; Python number or state-dtype tensor once placed
     weights: list
     matrix: bool = False  # transition and weights are (d, d) matrices acting on the last dimension
 
@@ -79,6 +81,11 @@ class Plan:
     block: list[Update] = field(default_factory=list)
     sweeps: int = 0
     main: list[Update] = field(default_factory=list)
+    placed: dict = field(default_factory=dict, repr=False, compare=False)  # place_plan's copies per device and dtype
+
+    def updates(self) -> list[Update]:
+        """Every update: ``start``, ``block`` and ``main``."""
+        return self.start + self.block + self.main
 
     @property
     def evaluations(self) -> int:
@@ -96,76 +103,126 @@ def _rounded_steps(grid: np.ndarray) -> tuple[float, ...]:
 Spec = tuple[int, int, tuple[int, ...]]  # (source, target, nodes) of one update
 
 
-class _CoefficientCache:
-    """Computes the coefficients of many updates at once.
+def _constant_diagonal(form: ExponentialForm, basis: str) -> bool:
+    """Whether the coefficients depend on nothing but each step's geometry: constant diagonal L, W = 1, basis t."""
+    lin = form.constant_linear if isinstance(form, LinearForm) else None
+    return (
+        isinstance(form, LinearForm)
+        and lin is not None
+        and not form.matrix
+        and form.weight_fn is None
+        and basis == "t"
+        and not lin.requires_grad
+    )
 
-    When they depend on nothing but the step's geometry (constant diagonal L, W = 1, basis t), updates of identical
-    geometry share one computation, and all distinct geometries are computed together on the host in numpy: one
-    evaluation of the phi-functions for all of them, then one batched product per number of nodes. A uniform grid
-    costs a few dozen array operations whatever its length. Otherwise each update is computed by
-    :func:`~deis_ode.solvers.coefficients.step_coefficients`.
+
+def _per_step(form: ExponentialForm, basis: str, times: Tensor, spec: Spec) -> tuple[Tensor, list[Tensor]]:
+    source, target, nodes = spec
+    transition, weights = step_coefficients(form, basis, times[source], times[target], times[list(nodes)])
+    return transition, list(weights.unbind(0))
+
+
+def _geometry_coefficients(form: LinearForm, times: Tensor, specs: list[Spec]) -> list[tuple[Tensor, list[Tensor]]]:
+    """Constant diagonal L: updates of identical geometry share one computation, and all distinct geometries are
+    computed together on the host in numpy (one evaluation of the phi-functions, one batched product per number of
+    nodes); a uniform grid costs a few dozen array operations whatever its length."""
+    grid = times.tolist()
+    # An update's geometry is the sizes of the intervals it spans, each to 12 significant digits: steps of a
+    # linspace grid that differ only by round-off share one entry; the reused coefficients belong to a grid
+    # moved by about 1e-12 of a step, far below any truncation error.
+    intervals = _rounded_steps(times.numpy())
+    keys, first = [], {}
+    for spec in specs:
+        source, target, nodes = spec  # nodes: a contiguous range of indices, in either order
+        lo = min(source, target, nodes[0], nodes[-1])
+        hi = max(source, target, nodes[0], nodes[-1])
+        key = (intervals[lo:hi], source - lo, target - lo, nodes[0] - lo, nodes[-1] - lo)
+        keys.append(key)
+        first.setdefault(key, spec)
+    lin = form.constant_linear.detach().to(device="cpu")
+    lin = lin.to(torch.complex128 if lin.is_complex() else F64).numpy()
+    distinct = list(first.items())
+    hs = np.array([grid[target] - grid[source] for _, (source, target, _) in distinct])
+    kmax = max(len(nodes) for _, (_, _, nodes) in distinct)
+    phis = phi_functions_host(hs.reshape(-1, *([1] * lin.ndim)) * lin, kmax)  # (kmax + 1, geometries, *L)
+    if not np.isfinite(phis).all():
+        bad = int(np.flatnonzero(~np.isfinite(phis).reshape(kmax + 1, len(distinct), -1).all(axis=(0, 2)))[0])
+        _not_finite(times, *distinct[bad][1][:2])
+    transitions = torch.from_numpy(phis[0]).unbind(0)
+    table = {}
+    for k in {len(nodes) for _, (_, _, nodes) in distinct}:
+        members = [i for i, (_, (_, _, nodes)) in enumerate(distinct) if len(nodes) == k]
+        theta = []
+        for i in members:
+            source, _, nodes = distinct[i][1]
+            theta.append([(grid[n] - grid[source]) / hs[i] for n in nodes])
+        weights = torch.from_numpy(batched_weights_from_phi(phis[1 : k + 1, members], hs[members], theta))
+        for i, w in zip(members, weights.unbind(0), strict=True):
+            table[distinct[i][0]] = (transitions[i], list(w.unbind(0)))
+    return [table[key] for key in keys]
+
+
+def plan_coefficients(form: ExponentialForm, basis: str, times: Tensor, specs: list[Spec]) -> list[tuple]:
+    """``(transition, weights)`` of each update ``(source, target, nodes)`` on the float64 grid ``times``.
+
+    Three paths, all in float64 on the host: constant diagonal ``L`` with ``W = 1`` (geometries shared, numpy),
+    diffusion forms (:func:`~deis_ode.solvers.coefficients.batched_diffusion_coefficients`: the schedule evaluated once
+    per grid point, closed forms or one vectorised quadrature for all steps), and anything else one update at a time
+    (:func:`~deis_ode.solvers.coefficients.step_coefficients`). Updates that share a coefficient list share the same
+    Python object (placement and the fused stacks rely on it).
     """
-
-    def __init__(self, form: ExponentialForm, basis: str) -> None:
-        self.form, self.basis = form, basis
-        lin = form.constant_linear if isinstance(form, LinearForm) else None
-        self.enabled = (
-            isinstance(form, LinearForm)
-            and lin is not None
-            and not form.matrix
-            and form.weight_fn is None
-            and basis == "t"
-            and not lin.requires_grad
-        )
-
-    def __call__(self, times: Tensor, specs: list[Spec]) -> list[tuple[Tensor, list[Tensor]]]:
-        """``(transition, weights)`` of each update ``(source, target, nodes)`` on the float64 grid ``times``."""
-        if not self.enabled:
-            out = []
-            for source, target, nodes in specs:
-                transition, weights = step_coefficients(
-                    self.form, self.basis, times[source], times[target], times[list(nodes)]
-                )
-                out.append((transition, list(weights.unbind(0))))
-            return out
-        grid = times.tolist()
-        # An update's geometry is the sizes of the intervals it spans, each to 12 significant digits: steps of a
-        # linspace grid that differ only by round-off share one entry; the reused coefficients belong to a grid
-        # moved by about 1e-12 of a step, far below any truncation error.
-        intervals = _rounded_steps(times.numpy())
-        keys, first = [], {}
-        for spec in specs:
-            source, target, nodes = spec  # nodes: a contiguous range of indices, in either order
-            lo = min(source, target, nodes[0], nodes[-1])
-            hi = max(source, target, nodes[0], nodes[-1])
-            key = (intervals[lo:hi], source - lo, target - lo, nodes[0] - lo, nodes[-1] - lo)
-            keys.append(key)
-            first.setdefault(key, spec)
-        lin = self.form.constant_linear.detach().to(device="cpu")
-        lin = lin.to(torch.complex128 if lin.is_complex() else F64).numpy()
-        # the phi-functions of every distinct geometry's z = L h in one evaluation, then the weights of all
-        # geometries with the same number of nodes in one batched product (in numpy: host work without autograd)
-        distinct = list(first.items())
-        hs = np.array([grid[target] - grid[source] for _, (source, target, _) in distinct])
-        kmax = max(len(nodes) for _, (_, _, nodes) in distinct)
-        phis = phi_functions_host(hs.reshape(-1, *([1] * lin.ndim)) * lin, kmax)  # (kmax + 1, geometries, *L)
-        transitions = torch.from_numpy(phis[0]).unbind(0)
-        table = {}
-        for k in {len(nodes) for _, (_, _, nodes) in distinct}:
-            members = [i for i, (_, (_, _, nodes)) in enumerate(distinct) if len(nodes) == k]
-            theta = []
-            for i in members:
-                source, _, nodes = distinct[i][1]
-                theta.append([(grid[n] - grid[source]) / hs[i] for n in nodes])
-            weights = torch.from_numpy(batched_weights_from_phi(phis[1 : k + 1, members], hs[members], theta))
-            for i, w in zip(members, weights.unbind(0), strict=True):
-                table[distinct[i][0]] = (transitions[i], list(w.unbind(0)))
-        return [table[key] for key in keys]
+    if _constant_diagonal(form, basis):
+        return _geometry_coefficients(form, times, specs)
+    if isinstance(form, DiffusionForm):
+        batched = batched_diffusion_coefficients(form, basis, times, specs)
+        return [
+            c if c is not None else _per_step(form, basis, times, spec) for c, spec in zip(batched, specs, strict=True)
+        ]
+    return [_per_step(form, basis, times, spec) for spec in specs]
 
 
 def full_order_sweeps(order: int) -> int:
     """Picard sweeps of the full-order warm-up of the ``order``-node method: ``K - 1``."""
     return order - 1
+
+
+# --- the plan cache -------------------------------------------------------------------------------------------------
+
+#: Largest total size, in bytes of float64 coefficients, of the plans kept by :func:`build_plan` for reuse.
+PLAN_CACHE_BYTES = 256 * 2**20
+_PLAN_CACHE: OrderedDict[tuple, tuple[Plan, int, tuple]] = OrderedDict()
+
+
+def _form_key(form: ExponentialForm) -> tuple[tuple, tuple] | None:
+    """``(key, keep_alive)`` identifying the coefficients of ``form``, or ``None`` when they cannot be cached safely.
+
+    A diffusion form is identified by its ``cache_key`` (the schedule's defining parameters, the split, the
+    stochasticity and the time direction: :func:`deis_ode.diffusion.exponential_form`). A constant linear part is
+    identified by the tensor itself and its version counter (an in-place change gives a new key); the tensor is kept
+    alive with the entry, so its id cannot be reused. A callable ``L(t)`` or ``W(t)`` may hold state the cache cannot
+    see, and a linear part that requires grad needs its autograd graph: those are never cached."""
+    if isinstance(form, DiffusionForm):
+        return None if form.cache_key is None else (("diffusion", form.cache_key), ())
+    lin = form.constant_linear
+    if lin is None or form.weight_fn is not None or form.linear_fn is not None or lin.requires_grad:
+        return None
+    return ("linear", id(lin), lin._version, lin.device.type, lin.dtype, form.matrix), (lin,)
+
+
+def _plan_bytes(plan: Plan) -> int:
+    seen, total = set(), 0
+    for update in plan.updates():
+        if id(update.weights) in seen:
+            continue
+        seen.add(id(update.weights))
+        for value in (update.transition, *update.weights):
+            total += value.numel() * value.element_size() if isinstance(value, Tensor) else 8
+    return total
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached plan (they are rebuilt on the next solve)."""
+    _PLAN_CACHE.clear()
 
 
 def build_plan(
@@ -175,14 +232,44 @@ def build_plan(
     order: int,
     warmup: str = "lower_order",
     lower_order_final: bool = False,
+    node_scale: np.ndarray | None = None,
 ) -> Plan:
     """The update plan of the ``order``-node method on the float64 grid ``times`` (strictly monotone).
 
+    ``node_scale`` (one float64 per grid point) multiplies every weight applied to ``N`` at that point: the loop then
+    stores ``N_i / node_scale[i]`` (a drift that returns a model output whose conversion to ``N`` is linear,
+    ``N_i = c_i (y_i + r_i x_i)``, lets the conversion's factor ``c_i`` live in the coefficients).
+
+    Plans are cached (bounded by :data:`PLAN_CACHE_BYTES`): a repeated solve on the same grid and form reuses its
+    plan. A returned plan is shared; do not modify it.
+
     Raises:
-        ValueError: unknown warm-up, or a full-order warm-up on a grid with fewer than ``order - 1`` steps.
+        ValueError: unknown warm-up, a full-order warm-up on a grid with fewer than ``order - 1`` steps, or a linear
+            part or weight that is not finite on the grid.
     """
     if warmup not in WARMUPS:
         raise ValueError(f"warmup must be one of {WARMUPS}, got {warmup!r}")
+    times = times.detach().to(device="cpu", dtype=F64)
+    form_key = _form_key(form)
+    key = None
+    if form_key is not None:
+        scale_key = None if node_scale is None else np.asarray(node_scale, dtype=np.float64).tobytes()
+        key = (form_key[0], basis, times.numpy().tobytes(), order, warmup, lower_order_final, scale_key)
+        hit = _PLAN_CACHE.get(key)
+        if hit is not None:
+            _PLAN_CACHE.move_to_end(key)
+            return hit[0]
+    plan = _build_plan(form, basis, times, order, warmup, lower_order_final, node_scale)
+    if key is not None:
+        size = _plan_bytes(plan)
+        if size <= PLAN_CACHE_BYTES // 4:
+            _PLAN_CACHE[key] = (plan, size, form_key[1])
+            while sum(entry[1] for entry in _PLAN_CACHE.values()) > PLAN_CACHE_BYTES:
+                _PLAN_CACHE.popitem(last=False)
+    return plan
+
+
+def _build_plan(form, basis, times, order, warmup, lower_order_final, node_scale) -> Plan:
     steps = times.numel() - 1
     start: list[Spec] = []
     block: list[Spec] = []
@@ -207,11 +294,20 @@ def build_plan(
         main.append((n, n + 1, tuple(range(n, n - k, -1))))
     specs = start + block + main
     matrix = bool(getattr(form, "matrix", False))
+    coefficients = plan_coefficients(form, basis, times, specs)
+    if not _constant_diagonal(form, basis):  # (that path checks its arrays itself)
+        _check_finite(coefficients, specs, times)
+    if node_scale is not None:
+        scale = np.asarray(node_scale, dtype=np.float64).tolist()
+        folded = {}
+        for i, ((transition, weights), (_, _, nodes)) in enumerate(zip(coefficients, specs, strict=True)):
+            key = (id(weights), nodes)
+            if key not in folded:
+                folded[key] = (transition, [w * scale[node] for w, node in zip(weights, nodes, strict=True)])
+            coefficients[i] = folded[key]
     updates = [
         Update(source, target, nodes, transition, weights, matrix)
-        for (source, target, nodes), (transition, weights) in zip(
-            specs, _CoefficientCache(form, basis)(times, specs), strict=True
-        )
+        for (source, target, nodes), (transition, weights) in zip(specs, coefficients, strict=True)
     ]
     return Plan(
         order=order,
@@ -222,9 +318,45 @@ def build_plan(
     )
 
 
-def _place(value: Tensor, like: Tensor):
+def _check_finite(coefficients: list[tuple], specs: list[Spec], times: Tensor) -> None:
+    """``ValueError`` naming the first step whose transition or weights are NaN or infinite (a linear part ``L`` or
+    weight ``W`` with NaN or inf entries, or one that overflows over the step)."""
+    seen = set()
+    for (transition, weights), (source, target, _) in zip(coefficients, specs, strict=True):
+        if id(weights) in seen:
+            continue
+        seen.add(id(weights))
+        values = [transition, *weights]
+        if all(math.isfinite(v) if isinstance(v, float) else True for v in values) and all(
+            bool(torch.isfinite(v.detach()).all()) for v in values if isinstance(v, Tensor)
+        ):
+            continue
+        _not_finite(times, source, target)
+
+
+def _not_finite(times: Tensor, source: int, target: int) -> None:
+    raise ValueError(
+        f"the exponential coefficients of the step from t = {times[source].item():.8g} to "
+        f"{times[target].item():.8g} are not finite: the linear part L (or the weight W) is NaN or infinite there, "
+        "or exp(L h) overflows (a positive L over too long a step)"
+    )
+
+
+# --- placement ----------------------------------------------------------------------------------------------------
+
+
+def _place(value, like: Tensor):
     """A float64 coefficient on the state's device and dtype (a Python number when it is a plain scalar,
     which costs no kernel and no transfer)."""
+    if not isinstance(value, Tensor):
+        if isinstance(value, complex) and not like.is_complex():
+            if value.imag != 0:
+                raise ValueError(
+                    "the linear part is complex but the state is real: the solution would be complex; "
+                    "pass a complex initial state"
+                )
+            return value.real
+        return value
     if value.is_complex() and not like.is_complex():
         if bool((value.imag != 0).any()):
             raise ValueError(
@@ -241,44 +373,56 @@ def _place(value: Tensor, like: Tensor):
     return value.to(device=like.device, dtype=like.dtype)
 
 
-def place_updates(updates: Iterable[Update], like: Tensor) -> None:
-    """Move the coefficients of ``updates`` to the device and dtype of the state ``like`` (in place); updates that
-    share a cached coefficient share one placed copy."""
+def place_updates(updates: Iterable[Update], like: Tensor) -> list[Update]:
+    """Copies of ``updates`` with their coefficients on the device and dtype of the state ``like``; updates that
+    share a coefficient list share one placed copy."""
     placed: dict[int, object] = {}
     lists: dict[int, tuple[object, list, list]] = {}
 
-    def place(value: Tensor):
+    def place(value):
         key = id(value)
         if key not in placed:
             placed[key] = (_place(value, like), value)  # keep value alive so that its id stays unique
         return placed[key][0]
 
+    out = []
     for update in updates:
         key = id(update.weights)
         if key not in lists:  # updates that shared a list of coefficients (and a transition) share the placed ones
             lists[key] = (place(update.transition), [place(w) for w in update.weights], update.weights)
-        update.transition, update.weights = lists[key][0], lists[key][1]
+        out.append(Update(update.source, update.target, update.nodes, lists[key][0], lists[key][1], update.matrix))
+    return out
 
 
 def place_plan(plan: Plan, like: Tensor) -> Plan:
-    """Move every coefficient of ``plan`` to the device and dtype of the state ``like`` (in place)."""
-    place_updates(plan.start + plan.block + plan.main, like)
-    return plan
+    """``plan`` with every coefficient on the device and dtype of the state ``like`` (a new plan; ``plan`` itself,
+    which may be shared through the cache, is not changed). Placements are remembered per device and dtype."""
+    key = (like.device, like.dtype)
+    cached = plan.placed.get(key)
+    if cached is not None:
+        return cached
+    updates = place_updates(plan.updates(), like)
+    n_start, n_block = len(plan.start), len(plan.block)
+    placed = Plan(
+        order=plan.order,
+        start=updates[:n_start],
+        block=updates[n_start : n_start + n_block],
+        sweeps=plan.sweeps,
+        main=updates[n_start + n_block :],
+    )
+    if not any(isinstance(c, Tensor) and c.requires_grad for u in updates for c in (u.transition, *u.weights)):
+        if len(plan.placed) >= 2:
+            plan.placed.pop(next(iter(plan.placed)))
+        plan.placed[key] = placed
+    return placed
 
 
-def first_non_finite(sums: list[Tensor]) -> int | None:
-    """The index of the first non-finite entry among per-evaluation finiteness sums (device scalars from
-    :func:`~deis_ode.solvers.fused.finiteness_sum`), or ``None``: one host synchronisation, after the loop."""
-    if not sums:
-        return None
-    finite = torch.isfinite(torch.stack(sums))
-    if bool(finite.all()):
-        return None
-    return int(torch.nonzero(~finite)[0, 0])
+# --- the loop -------------------------------------------------------------------------------------------------------
 
 
 def apply_update(update: Update, x: Tensor, values: dict[int, Tensor]) -> Tensor:
-    """``transition * x + sum_j weights[j] * values[nodes[j]]``: one step of a plan, fused where autograd allows."""
+    """``transition * x + sum_j weights[j] * values[nodes[j]]``: one step of a plan, in place on a fresh tensor where
+    autograd allows."""
     a = update.transition
     if update.matrix:
         out = x @ a.T
@@ -286,11 +430,12 @@ def apply_update(update: Update, x: Tensor, values: dict[int, Tensor]) -> Tensor
             out = out + values[node] @ w.T
         return out
     out = x * a
+    inplace = not out.requires_grad
     for w, node in zip(update.weights, update.nodes, strict=True):
         if isinstance(w, Tensor):
-            out = out.addcmul_(w, values[node]) if not out.requires_grad else out + w * values[node]
+            out = out.addcmul_(w, values[node]) if inplace else out + w * values[node]
         else:
-            out = out.add_(values[node], alpha=w) if not out.requires_grad else out.add(values[node], alpha=w)
+            out = out.add_(values[node], alpha=w) if inplace else out.add(values[node], alpha=w)
     return out
 
 
@@ -315,6 +460,65 @@ def _fusable(updates: list[Update], x: Tensor, value: Tensor) -> bool:
     return not any(isinstance(c, Tensor) and c.requires_grad for u in distinct for c in (u.transition, *u.weights))
 
 
+def _product_block(n: int) -> int | None:
+    """The largest divisor of ``n`` between 64 and 1024, or ``None``."""
+    for block in range(min(n, 1024), 63, -1):
+        if n % block == 0:
+            return block
+    return None
+
+
+class FiniteChecks:
+    """A record, per evaluation of ``N``, that is finite exactly when every entry of ``N`` is; read once, after the
+    loop, into one host synchronisation.
+
+    For a float32/float64 (or complex) state of at least 64 entries the record is the product of ``N``, viewed as a
+    ``(rows, B)`` matrix, with a zero vector of length ``B``: every row's dot product is 0 when the row is finite and
+    NaN otherwise (``inf * 0`` is NaN), so no sum can overflow (a float32 sum of large finite values can), and it is
+    one matrix-vector kernel writing ``rows`` numbers into a preallocated buffer. Other states (small ones, half
+    precision) record a sum in float64 / complex128."""
+
+    def __init__(self, count: int, like: Tensor) -> None:
+        count = max(count, 1)
+        self.where: list[int] = []
+        block = _product_block(like.numel())
+        dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+        if block is not None and like.dtype in dtypes and like.device.type != "mps":
+            self.zeros = torch.zeros(block, dtype=like.dtype, device=like.device)
+            self.block = block
+            self.records = torch.zeros(count, like.numel() // block, dtype=like.dtype, device=like.device)
+        else:
+            self.zeros = None
+            exact = like.dtype if like.device.type == "mps" else torch.float64
+            self.dtype = torch.complex128 if like.is_complex() and exact == torch.float64 else exact
+            self.records = torch.zeros(count, 1, dtype=self.dtype, device=like.device)
+        self.rows = self.records.unbind(0)
+
+    def record(self, i: int, value: Tensor) -> None:
+        """Record the evaluation ``value`` of ``N`` at grid index ``i``."""
+        row = self.rows[len(self.where)]
+        flat = value.detach().reshape(-1)
+        if self.zeros is not None:
+            torch.mv(flat.view(-1, self.block), self.zeros, out=row)
+        else:
+            torch.sum(flat, dim=0, keepdim=True, dtype=self.dtype, out=row)
+        self.where.append(i)
+
+    def all_finite(self) -> Tensor:
+        """A device boolean: every record is finite (nothing is read on the host)."""
+        return torch.isfinite(self.records[: len(self.where)]).all()
+
+    def first_bad(self) -> int | None:
+        """The grid index of the first non-finite evaluation, or ``None`` (one host synchronisation)."""
+        n = len(self.where)
+        if n == 0:
+            return None
+        finite = torch.isfinite(self.records[:n]).all(dim=1)
+        if bool(finite.all()):
+            return None
+        return self.where[int(torch.nonzero(~finite)[0, 0])]
+
+
 def run_plan(
     plan: Plan,
     nonlinear: Callable[[Tensor, Tensor], Tensor],
@@ -323,15 +527,23 @@ def run_plan(
     outputs: list[int],
     on_step: Callable[[int, Tensor], None] | None = None,
     noise: Callable[[Update], Tensor | None] | None = None,
+    shift: list[float] | None = None,
 ) -> list[Tensor]:
-    """Execute ``plan`` from ``x0`` and return the states at the grid indices ``outputs`` (increasing).
+    """Execute ``plan`` (placed: :func:`place_plan`) from ``x0`` and return the states at the grid indices
+    ``outputs`` (increasing).
 
     Args:
-        nonlinear: ``(t, x) -> N(t, x)``; ``t`` is a 0-dim tensor of the state's real dtype.
+        nonlinear: ``(t, x) -> N(t, x)``; ``t`` is a 0-dim tensor of the state's real dtype. Its output must have the
+            state's shape; it is used in the state's dtype.
         times: the grid on the state's device in the state's real dtype (what ``nonlinear`` receives).
         on_step: called as ``on_step(n, x_n)`` once per grid step, with the final ``x_n``.
         noise: for stochastic methods (:mod:`deis_ode.solvers.stochastic`): ``noise(update)`` is added to the state
             after each main update (``None`` adds nothing). Plans with a warm-up block are not supported.
+        shift: with a plan built with ``node_scale = c``: the loop stores ``nonlinear(t_i, x_i) + shift[i] x_i``,
+            i.e. ``N_i = c_i (y_i + shift[i] x_i)`` for a model output ``y_i`` (one fused operation per step).
+
+    ``nonlinear`` never receives a tensor that the loop writes later (it may keep its input), and the loop never
+    writes into a tensor that ``nonlinear`` returned.
 
     Raises:
         FloatingPointError: if N returned NaN or inf; names the first step and time where it did.
@@ -339,24 +551,24 @@ def run_plan(
     if noise is not None and plan.block:
         raise ValueError("run_plan: noise needs a plan without a warm-up block (warmup='lower_order')")
     values: dict[int, Tensor] = {}
-    finite: list[Tensor] = []
-    where: list[int] = []
+    checks = FiniteChecks(plan.evaluations, x0)
+    grid = times.unbind(0) if isinstance(times, Tensor) else list(times)  # 0-dim views: cheaper than indexing
+    dtype = x0.dtype
 
     def evaluate(i: int, x: Tensor) -> None:
-        out = nonlinear(times[i], x)
+        out = nonlinear(grid[i], x)
+        if out.dtype != dtype:
+            out = out.to(dtype)
+        if shift is not None and shift[i] != 0.0:
+            out = torch.add(out, x, alpha=shift[i])
         values[i] = out
-        finite.append(finiteness_sum(out))
-        where.append(i)
+        checks.record(i, out)
 
     states: dict[int, Tensor] = {0: x0}
     wanted = set(outputs)
     results: dict[int, Tensor] = {}
-
-    def keep(i: int, x: Tensor) -> None:
-        if i in wanted:
-            results[i] = x
-
-    keep(0, x0)
+    if 0 in wanted:
+        results[0] = x0
     if plan.block:
         for update in plan.start:
             evaluate(update.source, states[update.source])
@@ -369,8 +581,10 @@ def run_plan(
         for update in plan.block:
             if on_step is not None:
                 on_step(update.source, states[update.source])
-            keep(update.target, states[update.target])
+            if update.target in wanted:
+                results[update.target] = states[update.target]
     x = states[max(states)]
+    del states
     main = plan.main
     fused_check = None
     if main:
@@ -378,9 +592,10 @@ def run_plan(
             on_step(main[0].source, x)
         evaluate(main[0].source, x)
         if noise is None and _fusable(main, x, values[main[0].source]):
-            reached, fused_check = run_fused(main, plan.order, nonlinear, x, values, times, wanted, on_step)
+            reached, fused_check = run_fused(main, plan.order, nonlinear, x, values, grid, wanted, on_step, shift)
             results.update(reached)
             main = []
+    order = plan.order
     for k, update in enumerate(main):
         if k > 0:
             if on_step is not None:
@@ -391,18 +606,19 @@ def run_plan(
             increment = noise(update)
             if increment is not None:
                 x = x + increment
-        keep(update.target, x)
-        for stale in [i for i in values if i <= update.target - plan.order]:
-            del values[stale]
+        if update.target in wanted:
+            results[update.target] = x
+        values.pop(update.target - order, None)
 
-    checks = [torch.isfinite(torch.stack(finite)).all()] if finite else []
+    flags = [checks.all_finite()]
     if fused_check is not None:
-        checks.append(fused_check.all_finite())
-    if checks and not bool(torch.stack(checks).all()):  # the loop's single host synchronisation
-        first = first_non_finite(finite)
-        i = where[first] if first is not None else fused_check.first_bad()
+        flags.append(fused_check.all_finite())
+    if not bool(torch.stack(flags).all()):  # the loop's single host synchronisation
+        bad = checks.first_bad()
+        if bad is None:
+            bad = fused_check.first_bad()
         raise FloatingPointError(
-            f"the nonlinear part N(t, x) returned NaN or inf at grid step {i} (t = {times[i].item():.8g}); "
+            f"the nonlinear part N(t, x) returned NaN or inf at grid step {bad} (t = {grid[bad].item():.8g}); "
             "the model or the state diverged there"
         )
     return [results[i] for i in outputs]

@@ -31,9 +31,8 @@ import torch
 from torch import Tensor
 
 from ..forms import ExponentialForm
-from .fused import finiteness_sum
 from .ipndm import require_eps_diffusion
-from .multistep import Update, apply_update, first_non_finite, place_updates
+from .multistep import FiniteChecks, Update, apply_update, place_updates
 
 F64 = torch.float64
 
@@ -157,9 +156,14 @@ def build_rho_rk_plan(form: ExponentialForm, times: Tensor, order: int) -> RKPla
 
 
 def place_rho_rk_plan(plan: RKPlan, like: Tensor) -> RKPlan:
-    """Move every coefficient of ``plan`` to the device and dtype of the state ``like`` (in place)."""
-    place_updates([u for step in plan.steps for u in (*(s for s in step.stages if s is not None), step.final)], like)
-    return plan
+    """``plan`` with every coefficient on the device and dtype of the state ``like`` (a new plan)."""
+    flat = [u for step in plan.steps for u in (*(s for s in step.stages if s is not None), step.final)]
+    updates = iter(place_updates(flat, like))
+    steps = []
+    for step in plan.steps:
+        stages = [None if stage is None else next(updates) for stage in step.stages]
+        steps.append(RKStep(step.source, step.target, stages, next(updates)))
+    return RKPlan(plan.order, plan.stages, steps, plan.stage_times)
 
 
 def run_rho_rk(
@@ -180,7 +184,7 @@ def run_rho_rk(
     Raises:
         FloatingPointError: if eps returned NaN or inf; names the first step, stage and time where it did.
     """
-    finite: list[Tensor] = []
+    checks = FiniteChecks(plan.evaluations, x0)
     wanted = set(outputs)
     results: dict[int, Tensor] = {0: x0} if 0 in wanted else {}
     x = x0
@@ -193,13 +197,13 @@ def run_rho_rk(
             x_stage = x if stage is None else apply_update(stage, x, values)
             k = nonlinear(stage_times[e], x_stage)
             values[i] = k
-            finite.append(finiteness_sum(k))
+            checks.record(e, k)
             e += 1
         x = apply_update(step.final, x, values)
         if step.target in wanted:
             results[step.target] = x
 
-    first = first_non_finite(finite)
+    first = checks.first_bad()
     if first is not None:
         n, i = divmod(first, plan.stages)
         raise FloatingPointError(

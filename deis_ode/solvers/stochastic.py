@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .grid import prepare_grid
 from .multistep import Update, build_plan, place_plan, run_plan
 
 __all__ = ["METHODS", "sdeint"]
@@ -37,30 +38,6 @@ __all__ = ["METHODS", "sdeint"]
 METHODS: dict[str, int] = {"deis1": 1, "deis2": 2, "deis3": 3}
 
 _PROTOCOL = ("exponential_form", "noise_variance", "nonlinear_part")
-
-
-def _solver_grid(ts: Tensor, dt: float | None) -> Tensor:
-    """The float64 grid: ``ts``, with every interval split into the fewest equal steps of at most ``dt``."""
-    if ts.dim() != 1 or ts.numel() < 2:
-        raise ValueError(f"ts must be a 1-D tensor with at least two times, got shape {tuple(ts.shape)}")
-    if not bool(torch.isfinite(ts).all()):
-        raise ValueError(f"ts contains NaN or inf: {ts.tolist()}")
-    diff = ts[1:] - ts[:-1]
-    if not bool((diff > 0).all()):
-        i = int(torch.nonzero(diff <= 0)[0, 0])
-        raise ValueError(
-            f"ts must be strictly increasing (the solver time of a reverse diffusion SDE is s = -t: pass -t); "
-            f"entries {i} and {i + 1} are {ts[i].item():.10g} and {ts[i + 1].item():.10g}"
-        )
-    if dt is None:
-        return ts
-    if not (isinstance(dt, (int, float)) and dt > 0):
-        raise ValueError(f"dt must be a positive number, got {dt!r}")
-    pieces = [ts[:1]]
-    for a, b in zip(ts[:-1].tolist(), ts[1:].tolist(), strict=True):
-        n = max(1, math.ceil((b - a) / dt - 1e-9))
-        pieces.append(torch.linspace(a, b, n + 1, dtype=torch.float64)[1:])
-    return torch.cat(pieces)
 
 
 def sdeint(
@@ -75,6 +52,7 @@ def sdeint(
     basis: str = "t",
     lower_order_final: bool = False,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    progress: bool = False,
 ) -> Tensor:
     r"""Integrate a semi-linear SDE with the stochastic exponential multistep method; torchsde's calling convention.
 
@@ -99,6 +77,7 @@ def sdeint(
         lower_order_final: lower the number of nodes over the last steps (step ``n`` of ``M`` uses at most
             ``M - n``), as for the ODE methods.
         callback: called as ``callback(n, s_n, x_n)`` before each step.
+        progress: show a tqdm progress bar (needs ``tqdm``).
 
     Returns:
         ``(len(ts), *y0.shape)``: the state at each time of ``ts``.
@@ -120,8 +99,18 @@ def sdeint(
         raise ValueError("pass either bm or generator, not both")
     if not isinstance(lower_order_final, bool):
         raise ValueError(f"lower_order_final must be a bool, got {lower_order_final!r}")
-    ts64 = torch.as_tensor(ts).detach().to(device="cpu", dtype=torch.float64)
-    grid = _solver_grid(ts64, dt)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a callable (n, s_n, x_n) -> None, got {type(callback).__name__}")
+    prepared = prepare_grid(
+        torch.as_tensor(ts),
+        name="ts",
+        step_size=dt,
+        step_name="dt",
+        hint=" (the solver time of a reverse diffusion SDE is s = -t: pass -t)",
+    )
+    grid = prepared.times
     form = sde.exponential_form()
     if basis not in form.bases:
         raise ValueError(f"basis must be one of {list(form.bases)}, got {basis!r}")
@@ -131,8 +120,7 @@ def sdeint(
     if callable(getattr(sde, "check_grid", None)):
         sde.check_grid(grid)
 
-    plan = build_plan(form, basis, grid, METHODS[method], "lower_order", lower_order_final)
-    place_plan(plan, y0)
+    plan = place_plan(build_plan(form, basis, grid, METHODS[method], "lower_order", lower_order_final), y0)
     scales = _noise_scales(sde, grid, with_bm=bm is not None)
     grid_list = grid.tolist()
     t_state = grid.to(device=y0.device, dtype=y0.dtype)
@@ -151,12 +139,26 @@ def sdeint(
             raise ValueError(f"bm returned increments of shape {shape}; expected y0's shape {tuple(y0.shape)}")
         return dw.to(device=y0.device, dtype=y0.dtype) * scale
 
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError("progress=True needs tqdm: pip install tqdm") from error
+        bar = tqdm(total=grid.numel() - 1, desc=f"sdeint {method}")
+
     def on_step(n: int, x: Tensor) -> None:
         if callback is not None:
             callback(n, t_state[n], x)
+        if bar is not None:
+            bar.update(1)
 
-    outputs = torch.searchsorted(grid, ts64).tolist()
-    states = run_plan(plan, sde.nonlinear_part, y0, t_state, outputs, on_step, noise=noise)
+    try:
+        observed = on_step if callback is not None or bar is not None else None
+        states = run_plan(plan, sde.nonlinear_part, y0, t_state, prepared.outputs, observed, noise=noise)
+    finally:
+        if bar is not None:
+            bar.close()
     return torch.stack(states)
 
 
