@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.integrate import solve_ivp
 from torch import Tensor
 
 __all__ = ["ReferenceSolution", "solve", "IMPLICIT_METHODS", "InHalfLogSNR"]
@@ -197,6 +196,8 @@ def solve(
     # less accurate than the steps themselves).
     rows, nfev, y = [y0], 0, y0
     for a, b in zip(t_eval[:-1], t_eval[1:], strict=True):
+        from scipy.integrate import solve_ivp  # imported on first use
+
         sol = solve_ivp(system, (float(a), float(b)), y, method=method, rtol=rtol, atol=atol, **options)
         nfev += int(sol.nfev)
         if sol.status != 0 or not sol.success:
