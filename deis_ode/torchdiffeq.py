@@ -210,14 +210,14 @@ class DEISSolver:
 
         grid = prepare_grid(t, step_size=self.step_size, grid_constructor=constructor, name="t", sign=self.sign)
         times = self.sign * grid.times  # the user's time
-        if isinstance(self.form, DiffusionForm):
+        check_grid = getattr(self.ode, "check_grid", None)  # the ODE's own conditions (a diffusion drift's range)
+        if check_grid is not None:
+            check_grid(times)
+        elif isinstance(self.form, DiffusionForm):
             lo, hi = self.form.time_range
             bad = (times < lo) | (times > hi)
             if bool(bad.any()):
                 raise ValueError(f"t = {times[bad][0].item():.8g} is outside the schedule's time range [{lo}, {hi}]")
-        check_grid = getattr(self.ode, "check_grid", None)  # the ODE's own conditions on a grid (diffusion drifts)
-        if check_grid is not None:
-            check_grid(times)
         real = self.y0.real.dtype if self.y0.is_complex() else self.y0.dtype
         t_state = times.to(device=self.y0.device, dtype=real)
         on_step = self._on_step(grid.times, t_state)

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .schedules import NoiseSchedule, as_float64
 
-__all__ = ["DIFFUSERS_SPACINGS", "SPACINGS", "diffusers_timesteps", "timesteps"]
+__all__ = ["DIFFUSERS_SPACINGS", "SIGMA_RAMPS", "SPACINGS", "diffusers_timesteps", "sigma_ramp", "timesteps"]
 
 DIFFUSERS_SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing")
 """The ``timestep_spacing`` options of diffusers' schedulers."""
@@ -321,3 +321,37 @@ def _check_monotone(values: Tensor, name: str) -> None:
     diff = values[1:] - values[:-1]
     if not (bool((diff > 0.0).all()) or bool((diff < 0.0).all())):
         raise ValueError(f"{name} must be strictly monotone, got {values.tolist()}")
+
+
+# --- the noise-level ramps of diffusers' schedulers -------------------------------------------------------------
+
+#: The exponent of Karras et al. (2022).
+KARRAS_RHO = 7.0
+#: The parameters of the Beta distribution of "Beta Sampling is All You Need" (Lee et al. 2024).
+BETA_SIGMAS_AB = 0.6
+SIGMA_RAMPS: tuple[str, ...] = ("karras", "exponential", "beta")
+"""The noise-level ramps of :func:`sigma_ramp` (diffusers' ``use_karras_sigmas``, ``use_exponential_sigmas``,
+``use_beta_sigmas``)."""
+
+
+def sigma_ramp(kind: str, lo: float, hi: float, count: int) -> np.ndarray:
+    r"""``count`` noise levels from ``hi`` down to ``lo`` (float64 numpy), as diffusers' schedulers space them:
+
+    * ``"karras"``: uniform in ``level^(1/7)`` (Karras et al. 2022);
+    * ``"exponential"``: uniform in ``log level``;
+    * ``"beta"``: at the quantiles ``1 - i / (count - 1)`` of a Beta(0.6, 0.6) distribution, mapped to
+      ``[lo, hi]``.
+
+    Levels are diffusers' ``sigma``: the noise-to-signal ratio ``rho = sigma / alpha`` of a VP schedule.
+    """
+    if kind not in SIGMA_RAMPS:
+        raise ValueError(f"unknown sigma ramp {kind!r}; valid ones are {SIGMA_RAMPS}")
+    if kind == "karras":
+        top, bottom = hi ** (1 / KARRAS_RHO), lo ** (1 / KARRAS_RHO)
+        return (top + np.linspace(0, 1, count) * (bottom - top)) ** KARRAS_RHO
+    if kind == "exponential":
+        return np.exp(np.linspace(math.log(hi), math.log(lo), count))
+    import scipy.stats
+
+    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, count), BETA_SIGMAS_AB, BETA_SIGMAS_AB)
+    return np.array([lo + q * (hi - lo) for q in quantiles])
