@@ -213,6 +213,11 @@ def start_group(device_choice: str) -> Group:
         return Group(0, 1, torch.device("cuda", 0) if use_cuda else torch.device("cpu"), None)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(
+                f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): run at most "
+                f"one process per GPU (--nproc_per_node), or --device cpu"
+            )
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
