@@ -18,7 +18,8 @@ from deis_ode.diffusion import VPODE, timesteps
 SCRIPT = ROOT / "examples" / "distributed_sampling.py"
 # 21 samples in micro-batches of 4: the last micro-batch holds one sample (padded to 4), and a rank's batch can be a
 # single micro-batch or three; the MLP's matrix products round differently for one row than for several on some
-# CPUs, so solving a rank's samples in whatever batch it happens to hold would break the equality below
+# CPUs, so solving a rank's samples in whatever batch it happens to hold breaks the equality below (checked on the
+# development machine by solving each batch in one piece)
 COMMON = ["--samples", "21", "--seed", "3", "--steps", "6", "--chunk", "4", "--model", "mixture-mlp"]
 TORCHRUN_TIMEOUT = 120  # seconds; a hang fails the test instead of stalling the suite
 
