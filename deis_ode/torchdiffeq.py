@@ -221,12 +221,14 @@ class DEISSolver:
         real = self.y0.real.dtype if self.y0.is_complex() else self.y0.dtype
         t_state = times.to(device=self.y0.device, dtype=real)
         on_step = self._on_step(grid.times, t_state)
+        # with grad mode off the loop writes each requested state straight into the result (no copy at the end)
+        out = None if torch.is_grad_enabled() else self.y0.new_empty((len(grid.outputs), *self.y0.shape))
         try:
-            states = self._solve(times, t_state, grid.outputs, on_step)
+            states = self._solve(times, t_state, grid.outputs, on_step, out)
         finally:
             if self._bar is not None:
                 self._bar.close()
-        return torch.stack(states)
+        return out if out is not None else torch.stack(states)
 
     def _on_step(self, grid: Tensor, t_state: Tensor) -> Any:
         """``on_step(n, x_n)`` for the loop: torchdiffeq's ``callback_step`` (solver time, state, step), the option
@@ -274,13 +276,16 @@ class DEISSolver:
                 return self.ode.model_output, node_scale, shift_list
         return self.ode.nonlinear_part, None, None
 
-    def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
+    def _solve(
+        self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any, out: Tensor | None = None
+    ) -> list[Tensor]:
         """Run the method on the grid ``times`` (the user's time, float64 on the host; ``t_state`` is the same grid
-        on the state's device and real dtype) and return the states at the grid indices ``outputs``."""
+        on the state's device and real dtype) and return the states at the grid indices ``outputs`` (written into the
+        rows of ``out`` when it is given)."""
         nonlinear, node_scale, shift = self._nonlinear(times)
         plan = build_plan(self.form, self.basis, times, self.order, self.warmup, self.lower_order_final, node_scale)
         placed = place_plan(plan, self.y0)
-        return run_plan(placed, nonlinear, self.y0, t_state, outputs, on_step, shift=shift)
+        return run_plan(placed, nonlinear, self.y0, t_state, outputs, on_step, shift=shift, out=out)
 
     def integrate_until_event(self, t0: Tensor, event_fn: Any) -> Any:
         raise NotImplementedError(f"method {self.method!r} does not support event_fn; use a torchdiffeq method")
@@ -348,9 +353,11 @@ class IPNDMSolver(DiffusionVariantSolver):
     order = 4
     build = staticmethod(build_ipndm_plan)
 
-    def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
+    def _solve(
+        self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any, out: Tensor | None = None
+    ) -> list[Tensor]:
         plan = place_plan(self.build(self.form, times), self.y0)
-        return run_plan(plan, self._eps, self.y0, t_state, outputs, on_step)
+        return run_plan(plan, self._eps, self.y0, t_state, outputs, on_step, out=out)
 
 
 class IPNDMVSolver(IPNDMSolver):
@@ -364,10 +371,16 @@ class IPNDMVSolver(IPNDMSolver):
 class RhoRKSolver(DiffusionVariantSolver):
     """rho-Runge-Kutta of order ``order`` (:mod:`deis_ode.solvers.rho_rk`): ``order`` evaluations per step."""
 
-    def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
+    def _solve(
+        self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any, out: Tensor | None = None
+    ) -> list[Tensor]:
         plan = place_rho_rk_plan(build_rho_rk_plan(self.form, times, self.order), self.y0)
         stage_times = plan.stage_times.to(device=t_state.device, dtype=t_state.dtype)
-        return run_rho_rk(plan, self._eps, self.y0, stage_times, outputs, on_step)
+        states = run_rho_rk(plan, self._eps, self.y0, stage_times, outputs, on_step)
+        if out is not None:
+            for row, state in zip(out.unbind(0), states, strict=True):
+                row.copy_(state)
+        return states
 
 
 def _make_rk(order: int) -> type[RhoRKSolver]:

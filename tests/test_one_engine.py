@@ -308,3 +308,24 @@ def test_callback_and_progress_options_see_every_step():
     assert [tn for _, tn, _ in seen] == pytest.approx(t[:-1].tolist())
     with pytest.raises(ValueError, match="option callback must be a callable"):
         torchdiffeq.odeint(ode, torch.ones(2, dtype=F64), t, method="deis3", options={"callback": 3})
+
+
+@pytest.mark.parametrize("split", ["eps", "x0"])
+def test_the_no_grad_path_writing_into_the_result_is_bitwise_the_tracked_path(split):
+    # grad mode off: states written into the output tensor, y + r x into reused buffers; on: fresh tensors each step
+    schedule = VPSchedule.diffusers()
+    generator = torch.Generator().manual_seed(2)
+    weights = torch.randn(3, 3, generator=generator)
+
+    def model(x, t):
+        return torch.tanh(x @ weights) * (1 + t / 1000)
+
+    drift = VPODE(model, schedule, prediction="eps", extrapolate=split)
+    x = torch.randn(4000, 3, generator=generator)  # above the fused path's size
+    t = timesteps(schedule, 12)
+    tracked = torchdiffeq.odeint(drift, x, t, method="deis3")
+    with torch.no_grad():
+        untracked = torchdiffeq.odeint(drift, x, t, method="deis3")
+        ends = torchdiffeq.odeint(drift, x, t[[0, 5, -1]], method="deis3", options={"grid_constructor": lambda *a: t})
+    assert torch.equal(tracked, untracked)
+    assert torch.equal(ends, untracked[[0, 5, -1]])

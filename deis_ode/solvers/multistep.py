@@ -420,16 +420,16 @@ def place_plan(plan: Plan, like: Tensor) -> Plan:
 # --- the loop -------------------------------------------------------------------------------------------------------
 
 
-def apply_update(update: Update, x: Tensor, values: dict[int, Tensor]) -> Tensor:
-    """``transition * x + sum_j weights[j] * values[nodes[j]]``: one step of a plan, in place on a fresh tensor where
-    autograd allows."""
+def apply_update(update: Update, x: Tensor, values: dict[int, Tensor], dest: Tensor | None = None) -> Tensor:
+    """``transition * x + sum_j weights[j] * values[nodes[j]]``: one step of a plan, in place on a fresh tensor (or on
+    ``dest``, when given: autograd must not track the step) where autograd allows."""
     a = update.transition
     if update.matrix:
         out = x @ a.T
         for w, node in zip(update.weights, update.nodes, strict=True):
             out = out + values[node] @ w.T
-        return out
-    out = x * a
+        return out if dest is None else dest.copy_(out)
+    out = x * a if dest is None else torch.mul(x, a, out=dest)
     inplace = not out.requires_grad
     for w, node in zip(update.weights, update.nodes, strict=True):
         if isinstance(w, Tensor):
@@ -528,6 +528,7 @@ def run_plan(
     on_step: Callable[[int, Tensor], None] | None = None,
     noise: Callable[[Update], Tensor | None] | None = None,
     shift: list[float] | None = None,
+    out: Tensor | None = None,
 ) -> list[Tensor]:
     """Execute ``plan`` (placed: :func:`place_plan`) from ``x0`` and return the states at the grid indices
     ``outputs`` (increasing).
@@ -541,6 +542,8 @@ def run_plan(
             after each main update (``None`` adds nothing). Plans with a warm-up block are not supported.
         shift: with a plan built with ``node_scale = c``: the loop stores ``nonlinear(t_i, x_i) + shift[i] x_i``,
             i.e. ``N_i = c_i (y_i + shift[i] x_i)`` for a model output ``y_i`` (one fused operation per step).
+        out: a tensor of shape ``(len(outputs), *x0.shape)`` that receives the wanted states (the returned list holds
+            its rows): each is written there by its step, with no copy at the end. Only with grad mode off.
 
     ``nonlinear`` never receives a tensor that the loop writes later (it may keep its input), and the loop never
     writes into a tensor that ``nonlinear`` returned.
@@ -550,25 +553,43 @@ def run_plan(
     """
     if noise is not None and plan.block:
         raise ValueError("run_plan: noise needs a plan without a warm-up block (warmup='lower_order')")
+    if out is not None and torch.is_grad_enabled():
+        raise ValueError("run_plan: out= is for solves without autograd (torch.no_grad() or torch.inference_mode())")
     values: dict[int, Tensor] = {}
     checks = FiniteChecks(plan.evaluations, x0)
     grid = times.unbind(0) if isinstance(times, Tensor) else list(times)  # 0-dim views: cheaper than indexing
-    dtype = x0.dtype
+    dtype, shape = x0.dtype, x0.shape
+    order = plan.order
+    ring: list[Tensor] | None = None  # buffers for y + shift x, the loop's own tensors (never seen by user code)
 
     def evaluate(i: int, x: Tensor) -> None:
         out = nonlinear(grid[i], x)
+        if out.shape != shape:
+            raise ValueError(f"N(t, x) returned shape {tuple(out.shape)}; expected the state's shape {tuple(shape)}")
         if out.dtype != dtype:
             out = out.to(dtype)
         if shift is not None and shift[i] != 0.0:
-            out = torch.add(out, x, alpha=shift[i])
+            out = (
+                torch.add(out, x, alpha=shift[i])
+                if ring is None
+                else torch.add(out, x, alpha=shift[i], out=ring[i % order])
+            )
         values[i] = out
         checks.record(i, out)
 
-    states: dict[int, Tensor] = {0: x0}
-    wanted = set(outputs)
+    position = {index: k for k, index in enumerate(outputs)}
     results: dict[int, Tensor] = {}
-    if 0 in wanted:
-        results[0] = x0
+
+    def keep(i: int, x: Tensor) -> Tensor:
+        """Keep ``x`` as the state at grid index ``i`` (copied into ``out`` when given)."""
+        if out is not None:
+            x = out[position[i]].copy_(x)
+        results[i] = x
+        return x
+
+    states: dict[int, Tensor] = {0: x0}
+    if 0 in position:
+        keep(0, x0)
     if plan.block:
         for update in plan.start:
             evaluate(update.source, states[update.source])
@@ -581,34 +602,43 @@ def run_plan(
         for update in plan.block:
             if on_step is not None:
                 on_step(update.source, states[update.source])
-            if update.target in wanted:
-                results[update.target] = states[update.target]
+            if update.target in position:
+                states[update.target] = keep(update.target, states[update.target])
     x = states[max(states)]
     del states
     main = plan.main
     fused_check = None
+    direct = False  # wanted states written straight into ``out`` by their step
     if main:
         if on_step is not None:
             on_step(main[0].source, x)
         evaluate(main[0].source, x)
         if noise is None and _fusable(main, x, values[main[0].source]):
-            reached, fused_check = run_fused(main, plan.order, nonlinear, x, values, grid, wanted, on_step, shift)
-            results.update(reached)
+            reached, fused_check = run_fused(main, order, nonlinear, x, values, grid, set(position), on_step, shift)
+            for i, state in reached.items():
+                keep(i, state)
             main = []
-    order = plan.order
+        elif not _tracked(main, x, values[main[0].source]):
+            direct = out is not None and noise is None
+            if shift is not None:
+                ring = [torch.empty_like(x0) for _ in range(order)]
     for k, update in enumerate(main):
         if k > 0:
             if on_step is not None:
                 on_step(update.source, x)
             evaluate(update.source, x)
-        x = apply_update(update, x, values)
-        if noise is not None:
-            increment = noise(update)
-            if increment is not None:
-                x = x + increment
-        if update.target in wanted:
-            results[update.target] = x
-        values.pop(update.target - order, None)
+        target = update.target
+        if direct and target in position:
+            x = results[target] = apply_update(update, x, values, out[position[target]])
+        else:
+            x = apply_update(update, x, values)
+            if noise is not None:
+                increment = noise(update)
+                if increment is not None:
+                    x = x + increment
+            if target in position:
+                x = keep(target, x)
+        values.pop(target - order, None)
 
     flags = [checks.all_finite()]
     if fused_check is not None:
@@ -622,3 +652,14 @@ def run_plan(
             "the model or the state diverged there"
         )
     return [results[i] for i in outputs]
+
+
+def _tracked(updates: list[Update], x: Tensor, value: Tensor | None) -> bool:
+    """Whether autograd tracks the steps: grad mode on and the state, the first evaluation or a coefficient requires
+    grad."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or (value is not None and value.requires_grad):
+        return True
+    distinct = {id(u.weights): u for u in updates}.values()
+    return any(isinstance(c, Tensor) and c.requires_grad for u in distinct for c in (u.transition, *u.weights))
