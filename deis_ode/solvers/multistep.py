@@ -172,13 +172,16 @@ def plan_coefficients(form: ExponentialForm, basis: str, times: Tensor, specs: l
     Python object (placement and the fused stacks rely on it).
     """
     if _constant_diagonal(form, basis):
-        return _geometry_coefficients(form, times, specs)
+        return _geometry_coefficients(form, times, specs)  # (checks its arrays for NaN and inf)
     if isinstance(form, DiffusionForm):
-        batched = batched_diffusion_coefficients(form, basis, times, specs)
-        return [
-            c if c is not None else _per_step(form, basis, times, spec) for c, spec in zip(batched, specs, strict=True)
-        ]
-    return [_per_step(form, basis, times, spec) for spec in specs]
+        out = batched_diffusion_coefficients(form, basis, times, specs)  # finite entries, or None
+    else:
+        out = [None] * len(specs)
+    for i, spec in enumerate(specs):
+        if out[i] is None:
+            out[i] = _per_step(form, basis, times, spec)
+            _check_finite(out[i], spec, times)
+    return out
 
 
 def full_order_sweeps(order: int) -> int:
@@ -295,8 +298,6 @@ def _build_plan(form, basis, times, order, warmup, lower_order_final, node_scale
     specs = start + block + main
     matrix = bool(getattr(form, "matrix", False))
     coefficients = plan_coefficients(form, basis, times, specs)
-    if not _constant_diagonal(form, basis):  # (that path checks its arrays itself)
-        _check_finite(coefficients, specs, times)
     if node_scale is not None:
         scale = np.asarray(node_scale, dtype=np.float64).tolist()
         folded = {}
@@ -318,20 +319,14 @@ def _build_plan(form, basis, times, order, warmup, lower_order_final, node_scale
     )
 
 
-def _check_finite(coefficients: list[tuple], specs: list[Spec], times: Tensor) -> None:
-    """``ValueError`` naming the first step whose transition or weights are NaN or infinite (a linear part ``L`` or
-    weight ``W`` with NaN or inf entries, or one that overflows over the step)."""
-    seen = set()
-    for (transition, weights), (source, target, _) in zip(coefficients, specs, strict=True):
-        if id(weights) in seen:
-            continue
-        seen.add(id(weights))
-        values = [transition, *weights]
-        if all(math.isfinite(v) if isinstance(v, float) else True for v in values) and all(
-            bool(torch.isfinite(v.detach()).all()) for v in values if isinstance(v, Tensor)
-        ):
-            continue
-        _not_finite(times, source, target)
+def _check_finite(coefficients: tuple, spec: Spec, times: Tensor) -> None:
+    """``ValueError`` naming the step if the transition or a weight of one update is NaN or infinite (a linear part
+    ``L`` or weight ``W`` with NaN or inf entries, or one that overflows over the step)."""
+    transition, weights = coefficients
+    for value in (transition, *weights):
+        finite = math.isfinite(value) if isinstance(value, float) else bool(torch.isfinite(value.detach()).all())
+        if not finite:
+            _not_finite(times, spec[0], spec[1])
 
 
 def _not_finite(times: Tensor, source: int, target: int) -> None:
