@@ -709,7 +709,8 @@ def plot(all_points: dict[str, list[Point]], path: str, clock: str) -> None:
     titles = {"ks": "Kuramoto-Sivashinsky", "ac": "Allen-Cahn", "gs": "Gray-Scott 256 x 256"}
     palette = plt.get_cmap("tab10").colors
     methods = ["deis2", "deis3", "deis4", "RK45", "DOP853", "BDF", "Radau", "LSODA", "dopri5", "rk4"]
-    fig, axes = plt.subplots(1, len(all_points), figsize=(4.6 * len(all_points), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(all_points), figsize=(4.6 * len(all_points), 4.9), squeeze=False)
+    legend: dict[str, object] = {}  # one legend for all panels, below them: inside a panel it covers data
     for ax, (key, points) in zip(axes[0], all_points.items(), strict=True):
         for family in dict.fromkeys(p.family for p in points):
             runs = sorted((p for p in points if p.family == family and p.ok), key=lambda p: p.seconds)
@@ -739,8 +740,11 @@ def plot(all_points: dict[str, list[Point]], path: str, clock: str) -> None:
         ax.set_title(titles[key])
         ax.set_xlabel(f"time [s], one thread ({clock} clock)")
         ax.set_ylabel("relative error at the final time")
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=8, fontsize=7, frameon=False)
+    rows = -(-len(legend) // 8)
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.01, 1, 1))
     fig.savefig(path, dpi=80)
 
 
