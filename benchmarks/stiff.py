@@ -1,9 +1,12 @@
 """Stiff PDEs: time to a relative error of 1e-4 and 1e-6 for deis2/3/4/5, scipy and torchdiffeq, single-threaded.
 
     python benchmarks/stiff.py                 # full run, 5 to 10 minutes
-    python benchmarks/stiff.py --quick         # fewer points and repeats, 5 s caps, no Radau check (under a minute)
+    python benchmarks/stiff.py --quick         # fewer points and repeats, 5 s caps, no Radau check (2 to 3 minutes)
     python benchmarks/stiff.py --out benchmarks/results/stiff.txt --plot stiff.png
     python benchmarks/stiff.py --reference-only   # only the references and their check against scipy Radau
+
+(``--quick`` took 106 s and 173 s of wall time on a shared two-core machine; the full run's total is the last line of
+``benchmarks/results/stiff.txt``, 413 s there.)
 
 Problems (``examples/``): Kuramoto-Sivashinsky (Kassam-Trefethen set-up, t in [0, 10]), Allen-Cahn (max |L|
 about 1e4, t in [0, 10]) and Gray-Scott (256 x 256 modes, t in [0, 100]), each on complex Fourier coefficients
