@@ -624,7 +624,8 @@ def test_check_finite_names_the_step():
 def test_as_many_steps_as_training_timesteps(spacing, steps):
     """diffusers accepts num_inference_steps >= num_train_timesteps; rounding repeats timesteps, and diffusers'
     multistep update then divides by a zero difference of log rho (NaN). Here each repeat is a step that leaves
-    the sample unchanged, and the other steps equal a sampler on the grid without the repeats."""
+    the sample unchanged, every state is finite, and the steps before the first repeat equal those of a sampler
+    on the grid without the repeats."""
     scheduler = DEISMultistepScheduler(num_train_timesteps=25, solver_order=3, timestep_spacing=spacing)
     scheduler.set_timesteps(steps)
     timesteps = scheduler.timesteps.tolist()
