@@ -1,9 +1,12 @@
 """Stiff PDEs: time to a relative error of 1e-4 and 1e-6 for deis2/3/4/5, scipy and torchdiffeq, single-threaded.
 
     python benchmarks/stiff.py                 # full run, 5 to 10 minutes
-    python benchmarks/stiff.py --quick         # fewer points and repeats, 5 s caps, no Radau check (under a minute)
+    python benchmarks/stiff.py --quick         # fewer points and repeats, 5 s caps, no Radau check (2 to 3 minutes)
     python benchmarks/stiff.py --out benchmarks/results/stiff.txt --plot stiff.png
     python benchmarks/stiff.py --reference-only   # only the references and their check against scipy Radau
+
+(``--quick`` took 106 s and 173 s of wall time on a shared two-core machine; the full run's total is the last line of
+``benchmarks/results/stiff.txt``, 413 s there.)
 
 Problems (``examples/``): Kuramoto-Sivashinsky (Kassam-Trefethen set-up, t in [0, 10]), Allen-Cahn (max |L|
 about 1e4, t in [0, 10]) and Gray-Scott (256 x 256 modes, t in [0, 100]), each on complex Fourier coefficients
@@ -709,7 +712,8 @@ def plot(all_points: dict[str, list[Point]], path: str, clock: str) -> None:
     titles = {"ks": "Kuramoto-Sivashinsky", "ac": "Allen-Cahn", "gs": "Gray-Scott 256 x 256"}
     palette = plt.get_cmap("tab10").colors
     methods = ["deis2", "deis3", "deis4", "RK45", "DOP853", "BDF", "Radau", "LSODA", "dopri5", "rk4"]
-    fig, axes = plt.subplots(1, len(all_points), figsize=(4.6 * len(all_points), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(all_points), figsize=(4.6 * len(all_points), 4.9), squeeze=False)
+    legend: dict[str, object] = {}  # one legend for all panels, below them: inside a panel it covers data
     for ax, (key, points) in zip(axes[0], all_points.items(), strict=True):
         for family in dict.fromkeys(p.family for p in points):
             runs = sorted((p for p in points if p.family == family and p.ok), key=lambda p: p.seconds)
@@ -739,8 +743,11 @@ def plot(all_points: dict[str, list[Point]], path: str, clock: str) -> None:
         ax.set_title(titles[key])
         ax.set_xlabel(f"time [s], one thread ({clock} clock)")
         ax.set_ylabel("relative error at the final time")
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=8, fontsize=7, frameon=False)
+    rows = -(-len(legend) // 8)
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.01, 1, 1))
     fig.savefig(path, dpi=80)
 
 

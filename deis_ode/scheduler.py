@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -138,6 +139,22 @@ def _training_time(levels: np.ndarray, log_train: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
+def _spaced_timesteps(spacing: str, n: int, big_n: int, offset: int) -> np.ndarray:
+    """diffusers' ``n`` training timesteps of ``spacing`` (float64), also for ``n >= num_train_timesteps``, where
+    rounding repeats timesteps (``"linspace"``, ``"trailing"``; each repeat becomes a zero-length step, see
+    :class:`DEISMultistepScheduler`) and ``"leading"`` would put every timestep at ``steps_offset``."""
+    if n < big_n:
+        return diffusers_timesteps(spacing, n, big_n, offset).numpy()
+    if spacing == "linspace":
+        return np.round(np.linspace(0, big_n - 1, n + 1))[:0:-1].copy()
+    if spacing == "trailing":
+        return np.round(np.arange(big_n, 0, -(big_n / n))[:n]) - 1
+    raise ValueError(
+        f"timestep_spacing 'leading' needs num_inference_steps < num_train_timesteps = {big_n}, got {n}: its "
+        f"stride floor({big_n} / ({n} + 1)) = 0 puts every timestep at steps_offset"
+    )
+
+
 def _shift(levels: np.ndarray, shift: float) -> np.ndarray:
     """The flow time shift ``s -> shift s / (1 + (shift - 1) s)``."""
     return shift * levels / (1 + (shift - 1) * levels)
@@ -164,6 +181,21 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         basis: the variable in which the noise prediction is interpolated: ``"logrho"`` (default, diffusers'),
             ``"rho"``, or ``"t"``, the model's training time (only on grids of the training schedule's noise levels:
             not with flow sigmas, custom sigmas outside the training range, or ``final_sigmas_type="zero"``).
+        check_finite: raise ``FloatingPointError`` naming the step, timestep and noise level when a model output
+            holds a NaN or an infinity. Off by default (diffusers' behaviour: the NaN propagates into the sample);
+            the check reads one boolean back from the device per step.
+
+    Where diffusers' DEIS accepts an input and then computes garbage, this one differs, on purpose:
+
+    * ``set_timesteps`` with ``num_inference_steps >= num_train_timesteps`` and ``"linspace"`` or ``"trailing"``
+      spacing: rounding repeats some timesteps (diffusers then divides by zero and returns NaN). Each repeated
+      timestep is a zero-length step that leaves the sample unchanged, and the following steps' polynomials use
+      only distinct noise levels. ``"leading"`` spacing makes every timestep equal there and raises ``ValueError``.
+    * ``set_begin_index`` with a negative index raises ``ValueError`` (diffusers indexes from the end and applies
+      the last step's coefficients to the first step).
+    * ``step`` with a ``model_output`` whose shape differs from ``sample``'s raises ``ValueError`` naming both
+      (diffusers broadcasts silently).
+    * ``set_timesteps`` with fewer than one step raises ``ValueError`` (diffusers makes an empty schedule).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -196,6 +228,7 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         time_shift_type: str = "exponential",
         final_sigmas_type: str | None = None,
         basis: str = "logrho",
+        check_finite: bool = False,
     ) -> None:
         if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
             raise ValueError(
@@ -256,7 +289,26 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start the next :meth:`step` at ``timesteps[begin_index]`` (image-to-image pipelines call this)."""
+        """Start the next :meth:`step` at ``timesteps[begin_index]`` (image-to-image pipelines call this).
+
+        Raises:
+            TypeError: ``begin_index`` is not an integer.
+            ValueError: ``begin_index`` is negative, or (after :meth:`set_timesteps`) larger than the number of
+                steps. ``begin_index == num_inference_steps`` is allowed: no step is left, as pipelines set it for
+                ``strength = 0``.
+        """
+        try:
+            begin_index = operator.index(begin_index)
+        except TypeError:
+            raise TypeError(f"begin_index must be an integer index into timesteps, got {begin_index!r}") from None
+        if begin_index < 0:
+            raise ValueError(
+                f"begin_index must be >= 0 (an index into timesteps counted from the first step), got {begin_index}"
+            )
+        if self.num_inference_steps is not None and begin_index > len(self._order_cap):
+            raise ValueError(
+                f"begin_index must be at most the number of steps, {len(self._order_cap)}, got {begin_index}"
+            )
         self._begin_index = begin_index
         if self.num_inference_steps is not None and 0 <= begin_index < len(self._order_cap):
             # the warm-up after a start mid-schedule uses lower orders: compute them now, not during step
@@ -309,7 +361,17 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         else:
             if num_inference_steps is None:
                 raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
-            model_times, levels = self._standard_grid(int(num_inference_steps), shift)
+            try:
+                n = operator.index(num_inference_steps)
+            except TypeError:
+                # diffusers' np.linspace raises this TypeError too (a float such as 2.7 is not floored)
+                raise TypeError(
+                    f"num_inference_steps must be an integer, got {num_inference_steps!r} "
+                    f"({type(num_inference_steps).__name__})"
+                ) from None
+            if n < 1:
+                raise ValueError(f"num_inference_steps must be >= 1, got {n}")
+            model_times, levels = self._standard_grid(n, shift)
 
         self.sigmas = torch.from_numpy(levels.astype(np.float32))
         self.timesteps = torch.from_numpy(model_times).to(device=device)
@@ -330,7 +392,6 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         config = self.config
         final = config.final_sigmas_type
         big_n = config.num_train_timesteps
-        spaced = diffusers_timesteps(config.timestep_spacing, n, big_n, config.steps_offset).numpy()
         train = self._train_levels()
         log_train = np.log(train)
         lo, hi = float(train[0]), float(train[-1])
@@ -356,6 +417,7 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
             times = levels * big_n
             end = {None: levels[-1], "sigma_min": _shift(np.array(1 / big_n), shift), "zero": 0.0}[final]
             return times.astype(np.int64), np.concatenate([levels, [end]])
+        spaced = _spaced_timesteps(config.timestep_spacing, n, big_n, config.steps_offset)
         levels = np.interp(spaced, np.arange(len(train)), train)
         end = 0.0 if final == "zero" else lo
         return spaced.astype(np.int64), np.concatenate([levels, [end]])
@@ -423,6 +485,7 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         n = levels.numel() - 1
         key = (
             levels.numpy().tobytes(),
+            tuple(self._timestep_values),
             order,
             config.basis,
             config.prediction_type,
@@ -445,9 +508,16 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         self._conversions = self._conversion_table(alpha, sigma, levels)
         # a repeated last level (diffusers' rule for Karras/exponential/beta/flow sigmas) is an identity step
         self._moving = moving = n - 1 if n > 0 and levels[n] == levels[n - 1] else n
-        flat = torch.nonzero(levels[1 : moving + 1] >= levels[:moving])
-        if flat.numel():
-            i = int(flat[0, 0])
+        # a timestep repeated by rounding (num_inference_steps >= num_train_timesteps) repeats its level: a
+        # zero-length step that leaves the sample unchanged; any other level that does not decrease is an error
+        values = self._timestep_values
+        self._repeats = repeats = {
+            i for i in range(moving) if levels[i + 1] == levels[i] and i + 1 < n and values[i + 1] == values[i]
+        }
+        rising = torch.nonzero(levels[1 : moving + 1] >= levels[:moving]).flatten().tolist()
+        flat = [i for i in rising if i not in repeats]
+        if flat:
+            i = flat[0]
             raise ValueError(
                 f"the noise levels must decrease strictly, but levels {i} and {i + 1} are {float(levels[i])!r} and "
                 f"{float(levels[i + 1])!r} (timesteps {self._timestep_values[i : i + 2]}); is num_train_timesteps "
@@ -456,16 +526,21 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         self._form_basis_times = form, basis, times = self._form(log_alpha, log_sigma, levels)
         lower_final = config.lower_order_final and n < 15
         self._order_cap = [max(1, min(order, i + 1 - first, n - i if lower_final else order)) for i in range(n)]
+        distinct = 0  # how many of the levels up to i are distinct, counted back from i: the nodes a step may use
+        for i in range(n):
+            distinct = 1 if i - 1 in repeats else distinct + 1
+            self._order_cap[i] = min(self._order_cap[i], distinct)
         if n > 0 and levels[n] == 0 and config.lower_order_final:
             # the step to sigma = 0 is first order (x_n = the data prediction), as diffusers' DPM-Solver does there:
             # a polynomial in log rho extrapolated to log rho = -inf loses accuracy
             self._order_cap[n - 1] = 1
         self._updates = [[None] * n for _ in range(order)]
-        plan = place_plan(build_plan(form, basis, times[first : moving + 1], order), torch.zeros(()))
-        for update in plan.main:
-            i, k = update.source + first, len(update.nodes)
-            if k == self._order_cap[i]:
-                self._updates[k - 1][i] = self._folded(i, update.transition, update.weights, k)
+        if not repeats:  # else step by step below: the engine's plan assumes distinct levels
+            plan = place_plan(build_plan(form, basis, times[first : moving + 1], order), torch.zeros(()))
+            for update in plan.main:
+                i, k = update.source + first, len(update.nodes)
+                if k == self._order_cap[i]:
+                    self._updates[k - 1][i] = self._folded(i, update.transition, update.weights, k)
         for i in range(first, n):
             self._update(self._order_cap[i], i)
         if first:
@@ -484,7 +559,7 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         """The update of step ``i`` with ``k`` nodes (computed and stored on first use)."""
         update = self._updates[k - 1][i]
         if update is None:
-            if i >= self._moving:
+            if i >= self._moving or i in self._repeats:
                 update = Update(i, i + 1, (), 1.0, [])
             else:
                 form, basis, times = self._form_basis_times
@@ -636,7 +711,14 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         p, q = self._conversions[i][:2]
         x0 = model_output if p == 0.0 and q == 1.0 else torch.mul(sample, p).add_(model_output, alpha=q)
         if self.config.thresholding:
-            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            limit = self.config.sample_max_value
+            if limit < 1:
+                # diffusers clamps the quantile to [1, limit], which torch.clamp resolves to limit when limit < 1:
+                # every sample is clipped to [-limit, limit] and divided by limit, whatever its quantile
+                dtype = x0.dtype
+                wide = x0 if dtype in (torch.float32, torch.float64) else x0.float()
+                return (torch.clamp(wide, -limit, limit) / limit).to(dtype)
+            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, limit)
         return x0
 
     def _eps(self, model_output: Tensor, sample: Tensor, i: int) -> Tensor:
@@ -678,9 +760,19 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
             raise IndexError(
                 f"step {i} is past the last of the {len(self._order_cap)} steps; call set_timesteps to sample again"
             )
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)} but sample has shape {tuple(sample.shape)}; "
+                "they must be equal"
+            )
+        config = self.config
+        if config.check_finite and not bool(torch.isfinite(model_output).all()):
+            raise FloatingPointError(
+                f"model_output at step {i} (timestep {self._timestep_values[i]}, noise level "
+                f"{float(self.sigmas[i]):.6g}) holds NaN or infinite values"
+            )
         if model_output.dtype != sample.dtype:
             sample = sample.to(torch.promote_types(sample.dtype, model_output.dtype))
-        config = self.config
         if config.thresholding:
             primary = self._x0(model_output, sample, i)
             inv_sigma, x0_weight = self._conversions[i][4:]

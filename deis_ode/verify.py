@@ -198,6 +198,8 @@ class OrderTable:
         step_sizes: the mean step ``|t1 - t0| / steps`` of each run.
         grid: the grid kind (``"uniform"``, ``"random"`` or ``"custom"``).
         problem: a label for the problem, when known.
+        expected_max: when set, a correct method's slope may lie anywhere from ``expected`` to ``expected_max``
+            at the problem's step counts (see :meth:`Problem.expected_orders`).
     """
 
     method: str
@@ -210,6 +212,7 @@ class OrderTable:
     step_sizes: list[float] = field(default_factory=list)
     grid: str = "uniform"
     problem: str | None = None
+    expected_max: int | None = None
 
     def __str__(self) -> str:
         title = f"method {self.method}"
@@ -217,6 +220,8 @@ class OrderTable:
             title += f"  problem {self.problem}"
         title += f"  grid {self.grid}"
         expected = "?" if self.expected is None else str(self.expected)
+        if self.expected is not None and self.expected_max is not None and self.expected_max != self.expected:
+            expected += f" to {self.expected_max}"
         title += f"  expected order {expected}  fitted slope {self.slope:.3f}"
         header = f"{'steps':>7} {'NFE':>7} {'mean step':>11} {'rel. error':>12} {'local slope':>12}"
         lines = [title, header, "-" * len(header)]
@@ -315,6 +320,13 @@ class Problem(NamedTuple):
     t1: float
     steps: tuple[int, ...]
 
+    def expected_orders(self, method: str, warmup: str | None = None) -> tuple[int, int] | None:
+        """The slopes a correct ``method`` shows on this problem at its step counts, as ``(lowest, highest)``:
+        here both are :func:`expected_order` (with ``warmup``, else the ODE's default warm-up); ``None`` when the
+        method promises no order."""
+        order = expected_order(method, warmup if warmup is not None else getattr(self.ode, "default_warmup", None))
+        return None if order is None else (order, order)
+
     def steps_for(self, method: str) -> tuple[int, ...]:
         """The step counts at which ``method`` shows its order here: :attr:`steps`, doubled for ``deis5``, whose
         error reaches its asymptotic slope from about twice the steps (on ``scalar`` it fits 4.56 over 16-128 steps
@@ -380,13 +392,40 @@ def _stiff() -> Problem:
     return Problem(ode, x0, 0.0, 1.0, _STEPS)
 
 
+class _WarmupBelowResolution(Problem):
+    """A problem on which a lower-order warm-up's error is too small to set the slope at its step counts."""
+
+    def expected_orders(self, method: str, warmup: str | None = None) -> tuple[int, int] | None:
+        """From the warm-up's cap (2 for ``deis3``..``deis5`` under ``"lower_order"``) to the order of the main
+        steps, the method's full order: which one the slope shows depends on which error is larger (see
+        :func:`_vp_mixture`)."""
+        capped = super().expected_orders(method, warmup)
+        full = expected_order(method)
+        if capped is None or full is None:
+            return capped
+        return min(capped[0], full), full
+
+
 def _vp_mixture() -> Problem:
     """The probability-flow ODE of a VP (linear beta) diffusion with the exact noise model of
-    an 8-dimensional Gaussian mixture, 16 samples of ``x_T ~ N(0, I)``, t from 1 to 1e-3.
+    an 8-dimensional Gaussian mixture, 16 samples of ``x_T ~ N(0, I)``, t from 1 to 1e-3, on 64
+    to 512 steps.
 
-    Near ``t = 1e-3`` the noise prediction changes on the scale of ``t`` itself, so at the step
-    counts used in practice the slopes are pre-asymptotic: they approach their theory on fine
-    grids (on a grid uniform in ``t``, fastest in the ``"rho"`` basis).
+    Why the expected slope of ``deis3``..``deis5`` is a range, from 2 to the method's order ``K``:
+    a VP drift starts its multistep methods with the ``"lower_order"`` warm-up (an exponential
+    Euler step, then orders 2, 3, ...), whose first step's local error ``O(h^2)`` caps the global
+    order at 2 (:func:`expected_order`). But that step lies at ``t = 1``, where the noise
+    prediction is nearly linear in ``x``, so its error constant is tiny: at these step counts the
+    error of the main steps, ``O(h^K)``, is the larger one, and the slope lies between 2 and ``K``.
+    For example ``deis5`` fits 4.5 over 64 to 512 steps; its local slopes fall to 2.0 from 256
+    to 512 steps on ``t`` down to 0.3, where the main steps' error drops below the warm-up's
+    (about 1e-8). The slope only reaches its asymptote once both are resolved, which no fixed
+    set of step counts does for every ``K``. With ``--warmup full_order`` the expectation is
+    ``K`` again, but near ``t = 1e-3`` the noise prediction changes on the scale of ``t`` itself,
+    so the slopes of ``deis4`` and ``deis5`` are still pre-asymptotic on 64 to 512 steps (3.7
+    and 4.6; 3.8 and 5.1 on 128 to 1024). The step counts start at 64 because ``deis2``'s local
+    slopes are 1.40, 1.79 and 1.95 from 32 to 256 steps; on the rough ``"random"`` grid it fits
+    1.78 over 64 to 512, still pre-asymptotic.
     """
     from deis_ode.diffusion import VPODE, GaussianMixture, GaussianMixtureEps, VPSchedule
 
@@ -395,7 +434,7 @@ def _vp_mixture() -> Problem:
     ode = VPODE(GaussianMixtureEps(mixture, schedule), schedule)
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(16, 8, generator=generator, dtype=torch.float64)
-    return Problem(ode, x0, 1.0, 1e-3, (32, 64, 128, 256))
+    return _WarmupBelowResolution(ode, x0, 1.0, 1e-3, (64, 128, 256, 512))
 
 
 #: Test problems by name: each value is a factory returning a :class:`Problem`.

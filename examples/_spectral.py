@@ -36,6 +36,19 @@ from deis_ode import SemiLinearODE
 __all__ = ["PackedSystem", "SpectralProblem", "Timer", "relative_error", "rfft_wavenumbers", "fft_wavenumbers"]
 
 
+def pyplot_or_exit():
+    """matplotlib's ``pyplot`` on the file-only Agg backend, for ``--plot``; without matplotlib, exit with an
+    install hint (called before the run, so a missing extra does not cost the whole integration)."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise SystemExit("--plot needs matplotlib: pip install deis_ode[bench]") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def rfft_wavenumbers(n: int, length: float) -> np.ndarray:
     """Wavenumbers of ``rfft`` of ``n`` samples on a period ``length``: ``2 pi m / length``, ``m = 0 .. n/2``."""
     return 2.0 * math.pi / length * np.arange(n // 2 + 1, dtype=np.float64)

@@ -29,7 +29,7 @@ import sys
 import numpy as np
 import torch
 import torchdiffeq
-from _spectral import SpectralProblem, Timer
+from _spectral import SpectralProblem, Timer, pyplot_or_exit
 
 import deis_ode  # noqa: F401  (registers the deis* methods in torchdiffeq)
 from deis_ode import SemiLinearODE
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="integrate to t = 10 only")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG of u(x, t)")
     args = parser.parse_args(argv)
+    plt = pyplot_or_exit() if args.plot else None  # before the run: without matplotlib, stop now with a hint
     torch.set_num_threads(1)
     t_end = 10.0 if args.quick else args.t_end
 
@@ -117,11 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"max |u| = {u.abs().max().item():.6f}")
 
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         fig, (ax, ax_e) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [3, 2]})
         mesh = ax.pcolormesh(problem.info["x"], times.numpy(), u.numpy(), cmap="RdBu_r", shading="auto")
         fig.colorbar(mesh, ax=ax, label="u")

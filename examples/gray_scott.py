@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import torch
 import torchdiffeq
-from _spectral import SpectralProblem, Timer, rfft_wavenumbers
+from _spectral import SpectralProblem, Timer, pyplot_or_exit, rfft_wavenumbers
 
 import deis_ode  # noqa: F401  (registers the deis* methods in torchdiffeq)
 from deis_ode import SemiLinearODE
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="integrate to t = 200 only")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG of v at six times")
     args = parser.parse_args(argv)
+    plt = pyplot_or_exit() if args.plot else None  # before the run: without matplotlib, stop now with a hint
     torch.set_num_threads(1)
     t_end = 200.0 if args.quick else args.t_end
 
@@ -114,11 +115,6 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         fig, axes = plt.subplots(1, len(times), figsize=(2.2 * len(times), 2.5))
         for ax, t, field in zip(axes, times.tolist(), fields, strict=True):
             ax.imshow(field[1].numpy().T, origin="lower", extent=(0, LENGTH, 0, LENGTH), cmap="viridis")

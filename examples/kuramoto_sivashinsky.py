@@ -29,7 +29,7 @@ import sys
 import numpy as np
 import torch
 import torchdiffeq
-from _spectral import PackedSystem, SpectralProblem, Timer, relative_error, unpack
+from _spectral import PackedSystem, SpectralProblem, Timer, pyplot_or_exit, relative_error, unpack
 
 import deis_ode  # noqa: F401  (registers the deis* methods in torchdiffeq)
 from deis_ode import SemiLinearODE
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="integrate to t = 30 only")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG of u(x, t)")
     args = parser.parse_args(argv)
+    plt = pyplot_or_exit() if args.plot else None  # before the run: without matplotlib, stop now with a hint
     torch.set_num_threads(1)
     t_end = 30.0 if args.quick else args.t_end
 
@@ -132,11 +133,6 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         fig, ax = plt.subplots(figsize=(7, 4.5))
         mesh = ax.pcolormesh(problem.info["x"], times.numpy(), u.numpy(), cmap="RdBu_r", shading="auto")
         fig.colorbar(mesh, ax=ax, label="u")

@@ -28,7 +28,7 @@ import sys
 import numpy as np
 import torch
 import torchdiffeq
-from _spectral import SpectralProblem, Timer, fft_wavenumbers
+from _spectral import SpectralProblem, Timer, fft_wavenumbers, pyplot_or_exit
 
 import deis_ode  # noqa: F401  (registers the deis* methods in torchdiffeq)
 from deis_ode import SemiLinearODE
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="one period only")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG of |u(x, t)|")
     args = parser.parse_args(argv)
+    plt = pyplot_or_exit() if args.plot else None  # before the run: without matplotlib, stop now with a hint
     torch.set_num_threads(1)
     periods = 1.0 if args.quick else args.periods
     options = {"step_size": args.step}
@@ -111,11 +112,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"max | |u(t_end)| - |u(0)| | = {back:.2e} after {periods:g} period(s) of pi/2")
 
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         keep = np.abs(problem.info["x"]) <= 5
         fig, ax = plt.subplots(figsize=(6, 4.5))
         mesh = ax.pcolormesh(problem.info["x"][keep], times.numpy(), modulus[:, keep].numpy(), shading="auto")

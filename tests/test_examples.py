@@ -77,5 +77,9 @@ def test_train_2d_mlp_full(tmp_path):
     out = run_example("train_2d_mlp.py", "--plot", str(plot), timeout=600)
     quality = sample_quality(out)
     distance, near = quality["deis3"]
-    assert distance < 0.25 and near > 0.75
+    # measured: deis3 0.164 / 0.891, DDIM 0.172 / 0.856, Euler 0.197 / 0.804, scipy at 1e-6 0.142 / 0.924 (the
+    # ODE's own samples); the bounds sit between deis3 and Euler, so plain Euler at 10 steps does not meet them
+    assert distance < 0.18 and near > 0.85
+    euler_distance, euler_near = quality["euler"]
+    assert distance < euler_distance and near > euler_near
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

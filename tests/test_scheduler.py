@@ -84,7 +84,7 @@ def test_every_diffusers_parameter_with_its_default():
     for name, parameter in theirs.items():
         assert name in ours, name
         assert ours[name].default == parameter.default, name
-    assert set(ours) - set(theirs) == {"final_sigmas_type", "basis"}
+    assert set(ours) - set(theirs) == {"final_sigmas_type", "basis", "check_finite"}
     assert DEISMultistepScheduler._compatibles == diffusers.DEISMultistepScheduler._compatibles
     assert DEISMultistepScheduler.order == 1
 
@@ -556,3 +556,115 @@ def test_coefficients_are_reused_for_the_same_grid():
     first = scheduler._updates
     scheduler.set_timesteps(20)
     assert scheduler._updates is not first and scheduler._updates == first
+
+
+# --- inputs diffusers accepts or rejects (issue 14) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [2.7, 3.0, "3", torch.tensor(3.0)])
+def test_non_integer_step_counts_raise_type_error_as_diffusers(steps):
+    for cls in (diffusers.DEISMultistepScheduler, DEISMultistepScheduler):
+        with pytest.raises(TypeError):
+            cls().set_timesteps(steps)
+    with pytest.raises(TypeError, match="num_inference_steps must be an integer"):
+        DEISMultistepScheduler().set_timesteps(steps)
+    for steps in (np.int64(3), torch.tensor(3)):  # integers of other types are taken, as by diffusers
+        scheduler = DEISMultistepScheduler()
+        scheduler.set_timesteps(steps)
+        assert len(scheduler.timesteps) == 3
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
+        DEISMultistepScheduler().set_timesteps(0)
+
+
+def test_negative_begin_index_is_an_error():
+    """diffusers takes begin_index -1 as the last step and applies its coefficients to the first one."""
+    scheduler = DEISMultistepScheduler()
+    scheduler.set_timesteps(10)
+    with pytest.raises(ValueError, match="begin_index must be >= 0"):
+        scheduler.set_begin_index(-1)
+    with pytest.raises(ValueError, match="at most the number of steps"):
+        scheduler.set_begin_index(11)
+    with pytest.raises(TypeError, match="begin_index"):
+        scheduler.set_begin_index(1.5)
+    scheduler.set_begin_index(10)  # strength 0 in an image-to-image pipeline: nothing left to do
+    assert scheduler.begin_index == 10
+
+
+def test_shape_mismatch_names_both_shapes():
+    scheduler = DEISMultistepScheduler()
+    scheduler.set_timesteps(10)
+    x, _ = _inputs(1)
+    with pytest.raises(ValueError, match=r"model_output has shape \(2, 3, 8, 1\) but sample has shape \(2, 3, 8, 8\)"):
+        scheduler.step(x[..., :1], scheduler.timesteps[0], x)
+
+
+def test_check_finite_names_the_step():
+    x, outputs = _inputs(10)
+    bad = outputs[3].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    for check in (False, True):
+        scheduler = DEISMultistepScheduler(check_finite=check)
+        scheduler.set_timesteps(10)
+        for n, t in enumerate(scheduler.timesteps[:3]):
+            x = scheduler.step(outputs[n], t, x).prev_sample
+        if not check:  # diffusers' behaviour by default: the NaN reaches the sample
+            assert bool(scheduler.step(bad, scheduler.timesteps[3], x).prev_sample.isnan().any())
+        else:
+            timestep = int(scheduler.timesteps[3])
+            with pytest.raises(FloatingPointError, match=rf"step 3 \(timestep {timestep}, noise level"):
+                scheduler.step(bad, scheduler.timesteps[3], x)
+            inf = outputs[3].clone()
+            inf[1, 2, 3, 4] = float("inf")
+            with pytest.raises(FloatingPointError, match="step 3"):
+                scheduler.step(inf, scheduler.timesteps[3], x)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+@pytest.mark.parametrize("steps", [25, 26])
+def test_as_many_steps_as_training_timesteps(spacing, steps):
+    """diffusers accepts num_inference_steps >= num_train_timesteps; rounding repeats timesteps, and diffusers'
+    multistep update then divides by a zero difference of log rho (NaN). Here each repeat is a step that leaves
+    the sample unchanged, every state is finite, and the steps before the first repeat equal those of a sampler
+    on the grid without the repeats."""
+    scheduler = DEISMultistepScheduler(num_train_timesteps=25, solver_order=3, timestep_spacing=spacing)
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    repeats = [i for i in range(steps - 1) if timesteps[i] == timesteps[i + 1]]
+    assert repeats or spacing == "trailing"
+    x, outputs = _inputs(steps, dtype=F64)
+    states = _sample(scheduler, x, outputs)
+    assert all(bool(s.isfinite().all()) for s in states)
+    for i in repeats:
+        assert torch.equal(states[i], states[i - 1])
+    # the same steps without the repeats (their levels once each), with the same model outputs
+    kept = [i for i in range(steps) if i not in repeats]
+    custom = DEISMultistepScheduler(num_train_timesteps=25, solver_order=3, final_sigmas_type=None)
+    custom.set_timesteps(sigmas=scheduler.sigmas[kept].tolist())
+    if len(repeats) == 0:
+        return
+    lower_final = len(kept) < 15  # the rule of lower_order_final depends on the number of steps
+    assert not lower_final
+    reference = _sample(custom, x, [outputs[i] for i in kept])
+    # identical until the step after the first repeat, whose polynomial restarts (first order) here only
+    first = repeats[0]
+    _close([states[i] for i in range(first)], reference[:first], 1e-12)
+
+
+def test_leading_spacing_needs_fewer_steps_than_training_timesteps():
+    with pytest.raises(ValueError, match="'leading' needs num_inference_steps < num_train_timesteps"):
+        DEISMultistepScheduler(timestep_spacing="leading").set_timesteps(1000)
+
+
+def test_last_step_to_sigma_zero_is_first_order():
+    """With lower_order_final and 15 or more steps (where diffusers' own rule keeps the full order), the step that
+    ends at sigma = 0 is forced to first order: the sample it returns is the data prediction of its model output.
+    A second- or third-order last step would extrapolate the noise prediction to log rho = -inf."""
+    steps = 20
+    scheduler = DEISMultistepScheduler(solver_order=3, final_sigmas_type="zero")
+    scheduler.set_timesteps(steps)
+    x, outputs = _inputs(steps, dtype=F64)
+    states = _sample(scheduler, x, outputs)
+    sigma = float(scheduler.sigmas[-2])
+    alpha = 1 / math.sqrt(1 + sigma**2)
+    data = (states[-2] - sigma * alpha * outputs[-1]) / alpha  # x0 = (x - sigma_t eps) / alpha_t at the last node
+    torch.testing.assert_close(states[-1], data, rtol=1e-10, atol=1e-10)

@@ -211,3 +211,29 @@ def test_benchmark_quick_run_on_ks(tmp_path: Path) -> None:
     text = out_file.read_text()
     assert "## summary" in text
     assert re.search(r"ks\s+1e-06\s+deis\d", text)
+
+
+# ------------------------------------------------------------------------------------------------- without matplotlib
+
+_WITHOUT_MATPLOTLIB = """
+import runpy, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib' (blocked by the test)")
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, sys.argv[1].rsplit("/", 1)[0])
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("name", ["allen_cahn.py", "gray_scott.py", "kuramoto_sivashinsky.py", "nls.py"])
+def test_plot_without_matplotlib_prints_an_install_hint_before_the_run(name: str, tmp_path: Path) -> None:
+    proc = run_python(
+        "-c", _WITHOUT_MATPLOTLIB, str(EXAMPLES / name), "--quick", "--plot", str(tmp_path / "p.png"), timeout=120
+    )
+    assert proc.returncode == 1
+    assert "--plot needs matplotlib: pip install deis_ode[bench]" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""  # stopped before the run

@@ -115,6 +115,23 @@ def test_invalid_options_raise(kwargs, message):
 def test_needs_a_batch_dimension():
     with pytest.raises(ValueError, match="batch dimension"):
         dynamic_threshold(torch.tensor(3.0))
+    with pytest.raises(ValueError, match="batch dimension"):
+        static_threshold(torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (0,), (2, 0)])
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_an_empty_batch_is_returned_empty(shape, kind):
+    x0 = torch.empty(shape, dtype=torch.float16)
+    out = threshold(x0, kind)
+    assert out.shape == x0.shape and out.dtype == x0.dtype
+
+
+def test_an_empty_batch_samples_with_dynamic_thresholding():
+    ode = VPODE(lambda x, t: 0.5 * x, VPSchedule.linear(), thresholding="dynamic")
+    x = torch.empty(0, 3, dtype=torch.float64)
+    out = torchdiffeq.odeint(ode, x, torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64), method="deis2")
+    assert out.shape == (3, 0, 3)
 
 
 # --------------------------------------------------------------------------- the drift

@@ -211,6 +211,7 @@ def test_vp_mixture_problem_is_well_formed():
     pytest.importorskip("deis_ode.diffusion")
     ode, x0, t0, t1, _ = PROBLEMS["vp-mixture"]()
     assert (t0, t1) == (1.0, 1e-3)
+    assert PROBLEMS["vp-mixture"]().expected_orders("deis4") == (2, 4)
     drift = ode(torch.tensor(t0, dtype=torch.float64), x0)
     assert drift.shape == x0.shape and torch.isfinite(drift).all()
 

@@ -62,18 +62,21 @@ def _per_sample_quantile(values: Tensor, q: float) -> Tensor:
 
 
 def _as_batch(x0: Tensor) -> tuple[Tensor, torch.dtype]:
-    if x0.dim() < 1 or x0.shape[0] == 0:
-        raise ValueError(f"x0 must have a batch dimension first, got shape {tuple(x0.shape)}")
+    if x0.dim() < 1:
+        raise ValueError(f"x0 must have a batch dimension first, got a 0-d tensor of shape {tuple(x0.shape)}")
     dtype = x0.dtype
     if dtype not in (torch.float32, torch.float64):
         x0 = x0.float()
-    return x0.reshape(x0.shape[0], -1), dtype
+    return x0.reshape(x0.shape[0], math.prod(x0.shape[1:])), dtype
 
 
 def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) -> Tensor:
-    """Imagen's dynamic thresholding of a batch ``x0`` (first dimension the batch); see the module docstring."""
+    """Imagen's dynamic thresholding of a batch ``x0`` (first dimension the batch); see the module docstring.
+    An empty batch (or samples without entries) is returned as a copy: there is nothing to threshold."""
     check_thresholding("dynamic", ratio, max_value)
     flat, dtype = _as_batch(x0)
+    if flat.numel() == 0:
+        return x0.clone()
     s = _per_sample_quantile(flat.abs(), float(ratio))
     s = torch.clamp(s, min=1.0, max=float(max_value)).unsqueeze(1)
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
