@@ -66,7 +66,7 @@ except ImportError as _error:  # pragma: no cover - exercised without the extra
         "deis_ode.DEISMultistepScheduler needs diffusers; install it with: pip install deis_ode[diffusers]"
     ) from _error
 
-from .diffusion.grids import diffusers_timesteps
+from .diffusion.grids import diffusers_timesteps, sigma_ramp
 from .diffusion.schedules import DiscreteVPSchedule
 from .diffusion.thresholding import dynamic_threshold
 from .forms import DiffusionForm
@@ -81,8 +81,6 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 SPACINGS = ("linspace", "leading", "trailing")
 FINAL_SIGMAS_TYPES = (None, "sigma_min", "zero")
 BASES = ("logrho", "rho", "t")
-KARRAS_RHO = 7.0  # the exponent of Karras et al. (2022)
-BETA_SIGMAS_AB = 0.6  # the beta-distribution parameters of "Beta Sampling is All You Need"
 
 
 # --- training schedule and sampling grids (numpy, float64 unless noted; run once per set_timesteps) -----------------
@@ -108,25 +106,6 @@ def _training_betas(config) -> Tensor:
     if config.beta_schedule == "scaled_linear":
         return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
     return _cosine_betas(n)
-
-
-def _karras(lo: float, hi: float, count: int) -> np.ndarray:
-    """``count`` levels from ``hi`` down to ``lo``, uniform in ``level^(1/7)``."""
-    top, bottom = hi ** (1 / KARRAS_RHO), lo ** (1 / KARRAS_RHO)
-    return (top + np.linspace(0, 1, count) * (bottom - top)) ** KARRAS_RHO
-
-
-def _exponential(lo: float, hi: float, count: int) -> np.ndarray:
-    """``count`` levels from ``hi`` down to ``lo``, uniform in ``log level``."""
-    return np.exp(np.linspace(math.log(hi), math.log(lo), count))
-
-
-def _beta(lo: float, hi: float, count: int) -> np.ndarray:
-    """``count`` levels from ``hi`` down to ``lo`` at the quantiles of a Beta(0.6, 0.6) distribution."""
-    import scipy.stats
-
-    quantiles = scipy.stats.beta.ppf(1 - np.linspace(0, 1, count), BETA_SIGMAS_AB, BETA_SIGMAS_AB)
-    return np.array([lo + q * (hi - lo) for q in quantiles])
 
 
 def _training_time(levels: np.ndarray, log_train: np.ndarray) -> np.ndarray:
@@ -397,13 +376,13 @@ class DEISMultistepScheduler(SchedulerMixin, ConfigMixin):
         lo, hi = float(train[0]), float(train[-1])
         ramp = None
         if config.use_karras_sigmas:
-            ramp = _karras
+            ramp = "karras"
         elif config.use_exponential_sigmas:
-            ramp = _exponential
+            ramp = "exponential"
         elif config.use_beta_sigmas:
-            ramp = _beta
+            ramp = "beta"
         if ramp is not None:
-            levels = ramp(lo, hi, n + 1 if final == "sigma_min" else n)
+            levels = sigma_ramp(ramp, lo, hi, n + 1 if final == "sigma_min" else n)
             times = _training_time(levels[:n], log_train)
             times = np.round(times) if config.use_karras_sigmas else times
             if final is None:
