@@ -243,9 +243,16 @@ class DEISSolver:
             grid_state = grid.to(device=t_state.device, dtype=t_state.dtype)
             dts = grid_state[1:] - grid_state[:-1]
             hooks.append(lambda n, x: callback_step(grid_state[n], x, dts[n]))
+        self._x0_callback = None
         if self.callback is not None:
             user = self.callback
-            hooks.append(lambda n, x: user(n, t_state[n], x))
+            if hasattr(self.ode, "predict"):
+                # a diffusion drift: called after the model's evaluation at step n, with its x0 prediction
+                self._x0_callback = user
+                if isinstance(self, RhoRKSolver):  # (its evaluations are at stage times: no x0 per grid point)
+                    hooks.append(lambda n, x: user(n, t_state[n], x, None))
+            else:
+                hooks.append(lambda n, x: user(n, t_state[n], x))
         if self._bar is not None:
             bar = self._bar
             hooks.append(lambda n, x: bar.update(1))
@@ -283,9 +290,37 @@ class DEISSolver:
         on the state's device and real dtype) and return the states at the grid indices ``outputs`` (written into the
         rows of ``out`` when it is given)."""
         nonlinear, node_scale, shift = self._nonlinear(times)
+        kind = self.ode.prediction if nonlinear == getattr(self.ode, "model_output", None) else self.ode_kind()
+        grid, nonlinear = self._reporting(t_state, nonlinear, kind)
         plan = build_plan(self.form, self.basis, times, self.order, self.warmup, self.lower_order_final, node_scale)
         placed = place_plan(plan, self.y0)
-        return run_plan(placed, nonlinear, self.y0, t_state, outputs, on_step, shift=shift, out=out)
+        return run_plan(placed, nonlinear, self.y0, grid, outputs, on_step, shift=shift, out=out)
+
+    def ode_kind(self) -> str | None:
+        """The prediction that ``nonlinear_part`` returns (a diffusion drift's split), or ``None``."""
+        return getattr(self.ode, "extrapolate", None)
+
+    def _reporting(self, t_state: Tensor, nonlinear: Any, kind: str | None) -> tuple[list[Tensor], Any]:
+        """The grid as a list of 0-dim tensors (what the loop hands ``nonlinear``) and ``nonlinear``, wrapped, for a
+        diffusion drift with a ``callback``, to call ``callback(n, t_n, x_n, x0_n)`` after the first evaluation at
+        each grid point ``n``, ``x0_n`` the data prediction converted from the output of kind ``kind``."""
+        grid = list(t_state.unbind(0))
+        callback = getattr(self, "_x0_callback", None)
+        if callback is None:
+            return grid, nonlinear
+        index = {id(t): n for n, t in enumerate(grid)}
+        seen: set[int] = set()
+        ode = self.ode
+
+        def reporting(t: Tensor, x: Tensor) -> Tensor:
+            value = nonlinear(t, x)
+            n = index.get(id(t))
+            if n is not None and n not in seen:
+                seen.add(n)
+                callback(n, t, x, ode._convert(t, x, value, kind, "x0"))
+            return value
+
+        return grid, reporting
 
     def integrate_until_event(self, t0: Tensor, event_fn: Any) -> Any:
         raise NotImplementedError(f"method {self.method!r} does not support event_fn; use a torchdiffeq method")
@@ -357,7 +392,8 @@ class IPNDMSolver(DiffusionVariantSolver):
         self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any, out: Tensor | None = None
     ) -> list[Tensor]:
         plan = place_plan(self.build(self.form, times), self.y0)
-        return run_plan(plan, self._eps, self.y0, t_state, outputs, on_step, out=out)
+        grid, eps = self._reporting(t_state, self._eps, "eps")
+        return run_plan(plan, eps, self.y0, grid, outputs, on_step, out=out)
 
 
 class IPNDMVSolver(IPNDMSolver):

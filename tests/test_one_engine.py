@@ -329,3 +329,22 @@ def test_the_no_grad_path_writing_into_the_result_is_bitwise_the_tracked_path(sp
         ends = torchdiffeq.odeint(drift, x, t[[0, 5, -1]], method="deis3", options={"grid_constructor": lambda *a: t})
     assert torch.equal(tracked, untracked)
     assert torch.equal(ends, untracked[[0, 5, -1]])
+
+
+@pytest.mark.parametrize("split", ["eps", "x0"])
+@pytest.mark.parametrize("method", ["deis3", "ipndm"])
+def test_a_diffusion_callback_receives_the_data_prediction(split, method):
+    if method == "ipndm" and split == "x0":
+        split = "eps"
+    schedule = VPSchedule.linear()
+    drift = _mixture_drift(schedule, prediction="eps", extrapolate=split)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    t = timesteps(schedule, 6, t_end=1e-3)
+    seen = []
+    torchdiffeq.odeint(
+        drift, x, t, method=method, options={"callback": lambda n, tn, xn, x0: seen.append((n, tn, xn.clone(), x0))}
+    )
+    assert [n for n, *_ in seen] == list(range(6))
+    for n, tn, xn, x0 in seen:
+        assert float(tn) == pytest.approx(float(t[n]))
+        assert torch.allclose(x0, drift.predict(tn, xn, "x0"), rtol=1e-10, atol=1e-12)
