@@ -35,9 +35,11 @@ from torch import Tensor
 from torchdiffeq._impl import misc as _td_misc
 from torchdiffeq._impl.odeint import SOLVERS
 
-from .forms import DiffusionForm
+from .forms import DiffusionForm, OperatorForm
+from .linear import KrylovStats, check_operator
 from .semilinear import SemiLinearODE
 from .solvers.ipndm import build_ipndm_plan, build_ipndm_v_plan, require_eps_diffusion
+from .solvers.krylov_multistep import build_operator_plan, run_operator_plan
 from .solvers.multistep import WARMUPS, build_plan, place_plan, run_plan
 from .solvers.rho_rk import TABLEAUS, build_rho_rk_plan, place_rho_rk_plan, run_rho_rk
 
@@ -113,6 +115,8 @@ class DEISSolver:
         grid_constructor: Any = None,
         **kwargs: Any,
     ) -> None:
+        # Krylov options of operator linear parts (deis_ode.linear)
+        self.krylov = {k[7:]: kwargs.pop(k) for k in ("krylov_tol", "krylov_max_dim") if k in kwargs}  # tol, max_dim
         self._reject_unknown_options(kwargs, _VALID_OPTIONS)
         if step_size is not None and grid_constructor is not None:
             raise ValueError("options step_size and grid_constructor are mutually exclusive")
@@ -155,6 +159,11 @@ class DEISSolver:
         return {"callback_step"}
 
     def _check_linear_shape(self) -> None:
+        if isinstance(self.form, OperatorForm):
+            check_operator(self.form.operator, self.y0)
+            return
+        if self.krylov:
+            raise ValueError(f"options {sorted(self.krylov)} need a sparse or operator linear part (deis_ode.linear)")
         lin = getattr(self.form, "constant_linear", None)
         if getattr(self.form, "matrix", False):
             if self.y0.dim() == 0 or lin.shape[-1] != self.y0.shape[-1]:
@@ -223,6 +232,12 @@ class DEISSolver:
     def _solve(self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any) -> list[Tensor]:
         """Run the method on the grid ``times`` (the user's time, float64 on the host; ``t_state`` is the same grid
         on the state's device and real dtype) and return the states at the grid indices ``outputs``."""
+        if isinstance(self.form, OperatorForm):  # sparse / matrix-free A: Krylov products (solvers/krylov_multistep)
+            plan = build_operator_plan(times, self.order, self.warmup, self.lower_order_final)
+            self.ode.krylov_stats = stats = KrylovStats()
+            op, nonlinear = self.form.operator, self.ode.nonlinear_part
+            ko = self.krylov
+            return run_operator_plan(plan, op, nonlinear, self.y0, t_state, outputs, on_step, stats=stats, **ko)
         plan = build_plan(self.form, self.basis, times, self.order, self.warmup, self.lower_order_final)
         place_plan(plan, self.y0)
         return run_plan(plan, self.ode.nonlinear_part, self.y0, t_state, outputs, on_step)

@@ -23,6 +23,7 @@ against a state. No wrapper ever forms a dense ``(d, d)`` matrix from a sparse o
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -86,7 +87,9 @@ class SparseMatrix:
         if matrix.dim() != 2:
             raise ValueError(f"{name} must be a 2-D sparse (d, d) matrix, got shape {tuple(matrix.shape)}")
         self.shape = (_check_square(matrix.shape, name),) * 2
-        csr = matrix.coalesce().to_sparse_csr() if matrix.layout == torch.sparse_coo else matrix.to_sparse_csr()
+        with warnings.catch_warnings():  # torch's "CSR support is in beta" warning, once per process
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = matrix.coalesce().to_sparse_csr() if matrix.layout == torch.sparse_coo else matrix.to_sparse_csr()
         _check_finite(csr.values(), name)
         if symmetric:
             coo = csr.to_sparse_coo().coalesce()
@@ -195,12 +198,28 @@ def is_operator(obj: Any) -> bool:
     dense tensors (whose meaning, diagonal or matrix, must be said)."""
     if isinstance(obj, Tensor):
         return obj.layout in _SPARSE_LAYOUTS
+    if _is_scipy_sparse(obj):
+        return True
+    if type(obj).__module__.startswith("numpy"):
+        return False  # a numpy array: refused by the caller with its own message
     return hasattr(obj, "shape") and hasattr(type(obj), "__matmul__")
 
 
+def _is_scipy_sparse(obj: Any) -> bool:
+    if not type(obj).__module__.startswith("scipy.sparse"):
+        return False
+    import scipy.sparse
+
+    return scipy.sparse.issparse(obj)
+
+
 def as_operator(obj: Any, name: str = "linear") -> Any:
-    """A torch sparse matrix wrapped in :class:`SparseMatrix`; a protocol object returned unchanged after checking
-    its ``shape``. Dense tensors are refused (wrap them in :class:`DenseMatrix`)."""
+    """A torch (or scipy) sparse matrix wrapped in :class:`SparseMatrix`; a protocol object returned unchanged after
+    checking its ``shape``. Dense tensors are refused (wrap them in :class:`DenseMatrix`)."""
+    if _is_scipy_sparse(obj):
+        coo = obj.tocoo()
+        indices = torch.from_numpy(_np_stack_int64(coo.row, coo.col))
+        return SparseMatrix(torch.sparse_coo_tensor(indices, torch.from_numpy(coo.data), coo.shape), name=name)
     if isinstance(obj, Tensor):
         if obj.layout in _SPARSE_LAYOUTS:
             return SparseMatrix(obj, name=name)
@@ -212,6 +231,12 @@ def as_operator(obj: Any, name: str = "linear") -> Any:
         )
     _check_square(obj.shape, name)
     return obj
+
+
+def _np_stack_int64(rows: Any, cols: Any) -> Any:
+    import numpy as np
+
+    return np.stack([np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)])
 
 
 def check_operator(op: Any, x: Tensor, name: str = "linear") -> None:

@@ -1,0 +1,184 @@
+"""SemiLinearODE with sparse, dense-operator and matrix-free linear parts, integrated by deisK through Krylov
+phi-products (deis_ode.solvers.krylov_multistep): order K on a stiff finite-difference problem against scipy,
+exactness, agreement between the representations, batched states, and the bad-input errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchdiffeq
+
+import deis_ode  # noqa: F401  (registers the deisK methods)
+from deis_ode import SemiLinearODE, reference
+from deis_ode.linear import DenseMatrix, KrylovError, MatrixFree, SparseMatrix
+from deis_ode.solvers.coefficients import matrix_phi_functions
+
+F64 = torch.float64
+D = 63
+T_END = 1.0
+
+
+def laplacian(d: int = D, coef: float = 0.05) -> torch.Tensor:
+    """``coef`` times the Dirichlet second difference on ``d`` interior points of (0, 1), sparse COO
+    (``||A|| ~ 4 coef (d + 1)^2 ~ 800``: stiff)."""
+    dx = 1.0 / (d + 1)
+    i = torch.arange(d)
+    rows = torch.cat([i, i[1:], i[:-1]])
+    cols = torch.cat([i, i[:-1], i[1:]])
+    vals = torch.cat([torch.full((d,), -2.0), torch.ones(d - 1), torch.ones(d - 1)]).to(F64) * coef / dx**2
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (d, d), check_invariants=True).coalesce()
+
+
+def initial(d: int = D) -> torch.Tensor:
+    x = torch.linspace(0, 1, d + 2, dtype=F64)[1:-1]
+    return torch.sin(math.pi * x) + 0.5 * torch.sin(2 * math.pi * x)
+
+
+def fisher(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A smooth reaction term, zero on the boundary values (compatible with the Dirichlet conditions)."""
+    return u * (1 - u) * (1 + 0.5 * torch.cos(3 * t))
+
+
+def solve(ode: SemiLinearODE, x0: torch.Tensor, method: str, steps: int, **options) -> torch.Tensor:
+    t = torch.linspace(0, T_END, steps + 1, dtype=F64)
+    return torchdiffeq.odeint(ode, x0, t, method=method, options=options)[-1]
+
+
+@pytest.fixture(scope="module")
+def ref() -> torch.Tensor:
+    ode = SemiLinearODE(laplacian(), fisher)
+    return reference.solve(ode, initial(), [0.0, T_END], method="Radau", rtol=1e-12, atol=1e-13).states[-1]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_order_on_sparse_dirichlet_problem(order: int, ref: torch.Tensor) -> None:
+    ode = SemiLinearODE(laplacian(), fisher)
+    steps = (40, 80, 160) if order == 4 else (20, 40, 80)  # deis4 reaches its asymptotic slope later
+    errors = [_rel(solve(ode, initial(), f"deis{order}", m, krylov_tol=1e-13), ref) for m in steps]
+    slopes = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert all(abs(s - order) < 0.2 for s in slopes), (errors, slopes)
+    stats = ode.krylov_stats
+    assert stats.calls >= 80 and 1 <= stats.max_dim <= 40
+
+
+def test_lower_order_warmup_has_order_two(ref: torch.Tensor) -> None:
+    ode = SemiLinearODE(laplacian(), fisher)
+    errors = [_rel(solve(ode, initial(), "deis3", m, warmup="lower_order", krylov_tol=1e-13), ref) for m in (40, 80)]
+    assert abs(math.log2(errors[0] / errors[1]) - 2) < 0.25
+
+
+def test_exact_for_polynomial_forcing() -> None:
+    """N independent of x and quadratic in t: deis3 (full-order warm-up) is exact up to the Krylov tolerance."""
+    a = laplacian(20)
+    c = [torch.randn(20, dtype=F64, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    x0 = initial(20)
+
+    def forcing(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return c[0] + c[1] * t + c[2] * t**2
+
+    got = solve(SemiLinearODE(a, forcing), x0, "deis3", 7, krylov_tol=1e-13)
+    phis = matrix_phi_functions(a.to_dense() * T_END, 3)
+    exact = phis[0] @ x0 + T_END * phis[1] @ c[0] + T_END**2 * phis[2] @ c[1] + 2 * T_END**3 * phis[3] @ c[2]
+    assert _rel(got, exact) < 1e-10
+
+
+def test_representations_agree_and_explicit_methods_run_the_same_object(ref: torch.Tensor) -> None:
+    a = laplacian()
+    dense = a.to_dense()
+    x0 = initial()
+    answers = {
+        "coo": solve(SemiLinearODE(a, fisher), x0, "deis3", 40, krylov_tol=1e-13),
+        "csr": solve(SemiLinearODE(a.to_sparse_csr(), fisher), x0, "deis3", 40, krylov_tol=1e-13),
+        "dense operator": solve(SemiLinearODE(DenseMatrix(dense), fisher), x0, "deis3", 40, krylov_tol=1e-13),
+        "matrix-free": solve(
+            SemiLinearODE(MatrixFree(lambda v: v @ dense.T, D, symmetric=True), fisher),
+            x0,
+            "deis3",
+            40,
+            krylov_tol=1e-13,
+        ),
+        "matrix=True": solve(SemiLinearODE(dense, fisher, matrix=True), x0, "deis3", 40),
+    }
+    base = answers["matrix=True"]  # exact dense phi-functions
+    for name, got in answers.items():
+        assert _rel(got, base) < 1e-11, name
+    sparse_ode = SemiLinearODE(a, fisher)
+    assert sparse_ode(torch.tensor(0.0, dtype=F64), x0.expand(3, D)).shape == (3, D)
+    rk4 = solve(sparse_ode, x0, "rk4", 2000)  # explicit: stable for h ||A|| < 2.8
+    assert _rel(rk4, ref) < 1e-8
+
+
+def test_batched_states_match_one_at_a_time() -> None:
+    a = laplacian()
+    x0 = torch.stack([initial(), 0.5 * initial(), initial().flip(0)]).reshape(3, 1, D)
+    ode = SemiLinearODE(a, fisher)
+    together = solve(ode, x0, "deis2", 30, krylov_tol=1e-13)
+    assert together.shape == (3, 1, D)
+    for i in range(3):
+        alone = solve(ode, x0[i, 0], "deis2", 30, krylov_tol=1e-13)
+        assert _rel(together[i, 0], alone) < 1e-11
+
+
+def test_float32_state(ref: torch.Tensor) -> None:
+    ode = SemiLinearODE(laplacian(), fisher)
+    got = solve(ode, initial().float(), "deis3", 80)
+    assert got.dtype == torch.float32
+    assert _rel(got.double(), solve(ode, initial(), "deis3", 80)) < 1e-5
+
+
+def test_dense_square_tensor_must_say_what_it_is() -> None:
+    a = laplacian(10).to_dense()
+    with pytest.raises(ValueError, match="matrix=True.*DenseMatrix.*matrix=False"):
+        SemiLinearODE(a, fisher)
+    SemiLinearODE(a, fisher, matrix=False)  # diagonal symbols of a 2-D field: still possible
+    ode = SemiLinearODE(a, fisher, matrix=True)
+    assert ode(torch.tensor(0.0), torch.ones(10, dtype=F64)).shape == (10,)
+
+
+def test_bad_operator_input() -> None:
+    a = laplacian(10)
+    with pytest.raises(ValueError, match="W = 1"):
+        SemiLinearODE(a, fisher, weight=lambda t: t)
+    ode = SemiLinearODE(a, fisher)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with pytest.raises(ValueError, match="does not match the state's shape"):
+        torchdiffeq.odeint(ode, torch.ones(11, dtype=F64), t, method="deis2")
+    complex_ode = SemiLinearODE(DenseMatrix(1j * a.to_dense()), fisher)
+    with pytest.raises(ValueError, match="complex"):
+        torchdiffeq.odeint(complex_ode, torch.ones(10, dtype=F64), t, method="deis2")
+    with pytest.raises(ValueError, match="need a sparse or operator linear part"):
+        torchdiffeq.odeint(
+            SemiLinearODE(-1.0, fisher), torch.ones(10, dtype=F64), t, method="deis2", options={"krylov_tol": 1e-8}
+        )
+    with pytest.raises(ValueError, match="krylov_tol"):
+        torchdiffeq.odeint(ode, torch.ones(10, dtype=F64), t, method="deis2", options={"krylov_tol": -1.0})
+    with pytest.raises(TypeError, match="sparse matrix or operator"):
+        SemiLinearODE(object(), fisher)
+
+
+def test_failures_name_the_step() -> None:
+    a = laplacian(10).to_dense()
+    calls = [0]
+
+    def flaky(v: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        out = v @ a.T
+        return out * float("nan") if calls[0] > 40 else out
+
+    t = torch.linspace(0, 1, 11, dtype=F64)
+    with pytest.raises(KrylovError, match="step .* -> .*did not converge"):
+        torchdiffeq.odeint(SemiLinearODE(MatrixFree(flaky, 10), fisher), torch.ones(10, dtype=F64), t, method="deis2")
+
+    def nan_after(tt: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return u * float("nan") if tt > 0.45 else fisher(tt, u)
+
+    with pytest.raises(FloatingPointError, match="grid step 5"):
+        torchdiffeq.odeint(
+            SemiLinearODE(SparseMatrix(laplacian(10)), nan_after), torch.ones(10, dtype=F64), t, method="deis2"
+        )
