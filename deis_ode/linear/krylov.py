@@ -61,6 +61,7 @@ from torch import Tensor
 CHECK_EVERY = 4
 #: Shrinking the substep is given up after this many rejections in one substep.
 MAX_REJECTIONS = 40
+_TINY = 1e-300
 
 
 class KrylovError(RuntimeError):
@@ -143,7 +144,8 @@ def phiv(
         tol: relative tolerance: the error is at most about ``tol * sum_k ||v_k||`` per batch member (2-norms over
             the last dimension).
         max_dim: the largest Krylov dimension (memory ``(B, max_dim + 1, d)`` in float64).
-        stats: a :class:`KrylovStats` to update.
+        stats: a :class:`KrylovStats` to update. Passed again (as the multistep runner does), the dimension of its
+            last substep is also a hint: the error is first checked a few vectors below it.
         symmetric: use Lanczos; default ``op.symmetric`` (``False`` when absent).
 
     Returns:
@@ -190,6 +192,8 @@ def phiv(
     hess = torch.zeros(nb, max_dim + 1, max_dim, dtype=work, device=device)
     t, tau = 0.0, 1.0
     substeps = 0
+    # the first error check: a few vectors below the dimension the previous substep needed (stats as a hint)
+    first_check = max(CHECK_EVERY, (stats.dims[-1] // CHECK_EVERY - 1) * CHECK_EVERY) if stats.dims else CHECK_EVERY
     while t < 1.0:
         tau = min(tau, 1.0 - t)
         w = [u]
@@ -197,31 +201,27 @@ def phiv(
             g = sum(t**i * inv_fact[i] * V[j + i] for i in range(p - j + 1))
             w.append(apply(w[-1]) + g)
         beta = torch.linalg.vector_norm(w[p], dim=-1)  # (B,)
-        basis.zero_()
         hess.zero_()
-        basis[:, 0] = w[p] / torch.where(beta > 0, beta, torch.ones_like(beta))[:, None]
+        basis[:, 0] = w[p] / beta.clamp_min(_TINY)[:, None]
         accepted = None
         m = 0
         while accepted is None:
-            # one more Krylov vector
-            z = apply(basis[:, m])
+            # one more Krylov vector: z = A' q_m, orthogonalised (Gram-Schmidt twice) against the basis, all of it
+            # (Arnoldi) or the last two vectors (Lanczos). A breakdown (an invariant subspace) leaves
+            # h_{m+1,m} ~ 0, which decouples the later vectors and makes the error estimate ~0: no special case.
+            z = apply(basis[:, m]).unsqueeze(1)  # (B, 1, d)
             lo = max(0, m - 1) if symmetric else 0
             block = basis[:, lo : m + 1]  # (B, j, d)
-            coef = torch.einsum("bjd,bd->bj", block.conj(), z)
-            z = z - torch.einsum("bj,bjd->bd", coef, block)
-            again = torch.einsum("bjd,bd->bj", block.conj(), z)  # the second Gram-Schmidt pass
-            z = z - torch.einsum("bj,bjd->bd", again, block)
-            hess[:, lo : m + 1, m] = coef + again
-            norm = torch.linalg.vector_norm(z, dim=-1)
-            scale = torch.linalg.vector_norm(hess[:, : m + 1, m], dim=-1) + norm
-            happy = norm <= 1e-13 * scale  # invariant subspace found: the product is exact in this basis
-            norm = torch.where(happy, torch.zeros_like(norm), norm)
+            coef = torch.bmm(z, block.mT.conj())  # (B, 1, j) = <q_i, z>
+            z = torch.baddbmm(z, coef, block, alpha=-1)
+            again = torch.bmm(z, block.mT.conj())
+            z = torch.baddbmm(z, again, block, alpha=-1)
+            hess[:, lo : m + 1, m] = (coef + again)[:, 0]
+            norm = torch.linalg.vector_norm(z[:, 0], dim=-1)
             hess[:, m + 1, m] = norm
-            basis[:, m + 1] = torch.where(
-                happy[:, None], torch.zeros_like(z), z / torch.where(happy, 1.0, norm)[:, None]
-            )
+            basis[:, m + 1] = z[:, 0] / norm.clamp_min(_TINY)[:, None]
             m += 1
-            if not (m % CHECK_EVERY == 0 or m == max_dim or bool(happy.all())):
+            if (m < first_check or m % CHECK_EVERY) and m != max_dim:
                 continue
             rejections = 0
             while True:
@@ -231,7 +231,7 @@ def phiv(
                 if ratio <= 1.0:
                     accepted = (phi_p, ratio)
                     break
-                if m < max_dim and not bool(happy.all()):
+                if m < max_dim:
                     break  # try a larger basis first
                 if not math.isfinite(ratio) or rejections >= MAX_REJECTIONS or tau < 1e-12:
                     raise KrylovError(
@@ -253,6 +253,7 @@ def phiv(
         stats.substeps += 1
         stats.dims.append(m)
         stats.max_dim = max(stats.max_dim, m)
+        first_check = max(CHECK_EVERY, (m // CHECK_EVERY - 1) * CHECK_EVERY)
         # the next substep: the error behaves like tau^(m + p) per unit tau
         grow = 0.9 * max(ratio, 1e-12) ** (-1.0 / (m + p)) if ratio > 0 else 5.0
         tau = tau * min(5.0, max(1.0, grow))

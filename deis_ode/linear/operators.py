@@ -77,11 +77,12 @@ class SparseMatrix:
     """A torch sparse ``(d, d)`` matrix (COO, CSR or CSC; stored as CSR) acting on the last dimension.
 
     ``A @ v`` for ``v`` of shape ``(..., d)`` is one sparse-times-dense product with the ``prod(...)`` vectors as
-    columns. ``symmetric`` may be declared (it is not checked beyond a cheap test on the stored pattern: a
-    non-symmetric matrix declared symmetric raises ``ValueError``).
+    columns. ``symmetric``: ``None`` (default) detects exact symmetry (Hermitian for complex) from the stored entries
+    (``O(nnz)``, once); ``True`` declares it (a matrix that is not symmetric to 1e-12 raises ``ValueError``);
+    ``False`` forces Arnoldi.
     """
 
-    def __init__(self, matrix: Tensor, *, symmetric: bool = False, name: str = "linear") -> None:
+    def __init__(self, matrix: Tensor, *, symmetric: bool | None = None, name: str = "linear") -> None:
         if not isinstance(matrix, Tensor) or matrix.layout not in _SPARSE_LAYOUTS:
             raise TypeError(f"{name} must be a torch sparse COO/CSR/CSC tensor, got {type(matrix).__name__}")
         if matrix.dim() != 2:
@@ -91,11 +92,14 @@ class SparseMatrix:
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             csr = matrix.coalesce().to_sparse_csr() if matrix.layout == torch.sparse_coo else matrix.to_sparse_csr()
         _check_finite(csr.values(), name)
-        if symmetric:
-            coo = csr.to_sparse_coo().coalesce()
-            diff = (coo - coo.t().conj()).coalesce().values()
+        coo = csr.to_sparse_coo().coalesce()
+        diff = (coo - coo.t().conj()).coalesce().values()
+        asymmetry = float(diff.abs().max()) if diff.numel() else 0.0
+        if symmetric is None:
+            symmetric = asymmetry == 0.0  # exactly equal to its (conjugate) transpose
+        elif symmetric:
             scale = float(coo.values().abs().max()) if coo.values().numel() else 0.0
-            if diff.numel() and float(diff.abs().max()) > 1e-12 * scale:
+            if asymmetry > 1e-12 * scale:
                 raise ValueError(f"{name} was declared symmetric but is not")
         self.symmetric = symmetric
         self.dtype, self.device = csr.dtype, csr.device
@@ -108,6 +112,8 @@ class SparseMatrix:
 
     def __matmul__(self, v: Tensor) -> Tensor:
         d = self.shape[0]
+        if v.numel() == d:  # one vector: a sparse matrix-vector product
+            return (self._csr.like(v) @ v.reshape(d)).reshape(v.shape)
         flat = v.reshape(-1, d)
         out = (self._csr.like(v) @ flat.T).T
         return out.reshape(v.shape)
