@@ -5,10 +5,12 @@ exactness, agreement between the representations, batched states, and the bad-in
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 import torchdiffeq
+from _subprocess import run_python
 
 import deis_ode  # noqa: F401  (registers the deisK methods)
 from deis_ode import SemiLinearODE, reference
@@ -182,3 +184,23 @@ def test_failures_name_the_step() -> None:
         torchdiffeq.odeint(
             SemiLinearODE(SparseMatrix(laplacian(10)), nan_after), torch.ones(10, dtype=F64), t, method="deis2"
         )
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, (pattern, text)
+    return float(match.group(1))
+
+
+def test_finite_difference_examples_run_and_agree() -> None:
+    """Both finite-difference examples in quick mode: the non-symmetric one agrees with scipy BDF (exact sparse J),
+    the Fisher-KPP one is converged (difference from twice the steps) and its mass grows (r u (1 - u) > 0)."""
+    out = run_python("examples/advection_diffusion_fd.py", "--quick", timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "symmetric: False" in out.stdout
+    assert _number(r"relative difference deis3 - BDF: (\S+)", out.stdout) < 1e-5
+    out = run_python("examples/reaction_diffusion_fd.py", "--quick", timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _number(r"relative difference from 100 steps: (\S+)", out.stdout) < 2e-5
+    mass = re.search(r"mass = (\S+) \(at t = 0: (\S+)\)", out.stdout)
+    assert float(mass.group(1)) > 5 * float(mass.group(2))
