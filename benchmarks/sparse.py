@@ -3,6 +3,7 @@ reaction-diffusion problem (``examples/reaction_diffusion_fd.py``, 128 x 128 int
 
     python benchmarks/sparse.py --out benchmarks/results/sparse.txt
     python benchmarks/sparse.py --quick          # 48 x 48 points, fewer settings (under a minute)
+    python benchmarks/sparse.py --n 256 --no-check --out benchmarks/results/sparse_256.txt   # d = 65536
 
 Methods:
 
@@ -201,6 +202,7 @@ def to_target(points: list[Point], target: float) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--n", type=int, default=128, help="interior points per side (default 128)")
     parser.add_argument("--cap", type=float, default=60.0)
     parser.add_argument("--out", help="also write the report to this file")
     parser.add_argument("--no-check", action="store_true", help="skip the reference's check against scipy Radau")
@@ -212,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
         lines.append(text)
 
-    n = 48 if args.quick else 128
+    n = 48 if args.quick else args.n
     problem = rd.make_problem(n)
     repeats = 1 if args.quick else 3
     cap = 10.0 if args.quick else args.cap
-    say(f"# python benchmarks/sparse.py{' --quick' if args.quick else ''}")
+    say("# python benchmarks/sparse.py " + " ".join(sys.argv[1:] if argv is None else argv))
     say(
         f"# deis_ode {deis_ode.__version__}, torch {torch.__version__}, torchdiffeq {torchdiffeq.__version__}, "
         f"scipy {scipy.__version__}, numpy {np.__version__}, python {platform.python_version()}, "
