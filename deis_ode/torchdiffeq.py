@@ -21,6 +21,8 @@ Options (anything else raises ``ValueError``):
   at most this size, so every requested time is a grid point (no interpolation; unlike torchdiffeq's
   fixed-grid solvers, which interpolate linearly between grid points).
 * ``grid_constructor``: ``(func, y0, t) -> grid`` as in torchdiffeq; the requested times are merged in.
+* ``krylov_tol``, ``krylov_max_dim``: for sparse or operator linear parts only (:mod:`deis_ode.linear`; run by
+  :mod:`deis_ode.solvers.krylov_multistep`): the Krylov tolerance and largest dimension.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from .solvers.krylov_multistep import build_operator_plan, run_operator_plan
 from .solvers.multistep import WARMUPS, build_plan, place_plan, run_plan
 from .solvers.rho_rk import TABLEAUS, build_rho_rk_plan, place_rho_rk_plan, run_rho_rk
 
-_VALID_OPTIONS = ("basis", "warmup", "lower_order_final", "step_size", "grid_constructor")
+_KRYLOV_OPTIONS = ("krylov_tol", "krylov_max_dim")  # sparse or operator linear parts only (deis_ode.linear)
+_VALID_OPTIONS = ("basis", "warmup", "lower_order_final", "step_size", "grid_constructor", *_KRYLOV_OPTIONS)
 # Always passed by torchdiffeq (tolerances and norm only matter to adaptive solvers).
 _IGNORED = ("rtol", "atol", "norm")
 
@@ -115,8 +118,7 @@ class DEISSolver:
         grid_constructor: Any = None,
         **kwargs: Any,
     ) -> None:
-        # Krylov options of operator linear parts (deis_ode.linear)
-        self.krylov = {k[7:]: kwargs.pop(k) for k in ("krylov_tol", "krylov_max_dim") if k in kwargs}  # tol, max_dim
+        self.krylov = {k[7:]: kwargs.pop(k) for k in _KRYLOV_OPTIONS if k in kwargs}  # tol, max_dim
         self._reject_unknown_options(kwargs, _VALID_OPTIONS)
         if step_size is not None and grid_constructor is not None:
             raise ValueError("options step_size and grid_constructor are mutually exclusive")
