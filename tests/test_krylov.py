@@ -19,7 +19,7 @@ def _laplacian_1d(d: int) -> torch.Tensor:
     rows = torch.cat([i, i[1:], i[:-1]])
     cols = torch.cat([i, i[:-1], i[1:]])
     vals = torch.cat([torch.full((d,), -2.0), torch.ones(d - 1), torch.ones(d - 1)]).to(F64) / dx**2
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (d, d)).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (d, d), check_invariants=True).coalesce()
 
 
 def _advection_diffusion(d: int, c: float = 40.0) -> torch.Tensor:
@@ -148,11 +148,13 @@ def test_phiv_bad_arguments() -> None:
 def test_operator_wrappers_reject_bad_input() -> None:
     lap = _laplacian_1d(10)
     with pytest.raises(ValueError, match="square"):
-        SparseMatrix(torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (3, 4)))
+        SparseMatrix(
+            torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0), (3, 4), check_invariants=True)
+        )
     with pytest.raises(ValueError, match="NaN or inf"):
         vals = lap.values().clone()
         vals[0] = float("inf")
-        SparseMatrix(torch.sparse_coo_tensor(lap.indices(), vals, lap.shape))
+        SparseMatrix(torch.sparse_coo_tensor(lap.indices(), vals, lap.shape, check_invariants=True))
     with pytest.raises(ValueError, match="declared symmetric"):
         SparseMatrix(_advection_diffusion(10), symmetric=True)
     with pytest.raises(ValueError, match="NaN or inf"):
