@@ -16,6 +16,7 @@ import deis_ode  # noqa: F401  (registers the deisK methods)
 from deis_ode import SemiLinearODE, reference
 from deis_ode.linear import DenseMatrix, KrylovError, MatrixFree, SparseMatrix
 from deis_ode.solvers.coefficients import matrix_phi_functions
+from deis_ode.solvers.krylov_multistep import operator_step
 
 F64 = torch.float64
 D = 63
@@ -207,3 +208,38 @@ def test_reaction_diffusion_example_converges() -> None:
     assert _number(r"relative difference from 100 steps: (\S+)", out.stdout) < 2e-5
     mass = re.search(r"mass = (\S+) \(at t = 0: (\S+)\)", out.stdout)
     assert float(mass.group(1)) > 5 * float(mass.group(2))
+
+
+@pytest.mark.parametrize("warmup", ["lower_order", "full_order"])
+def test_operator_engine_matches_the_diagonal_engine(warmup: str) -> None:
+    """A diagonal A given as a sparse matrix (Krylov runner) and as a diagonal tensor (the closed-form engine): the
+    same method, warm-up and lower_order_final give the same answer for K = 1..5."""
+    d = 12
+    diag = -torch.linspace(1.0, 60.0, d, dtype=F64)
+    sparse = torch.sparse_coo_tensor(torch.arange(d).repeat(2, 1), diag, (d, d), check_invariants=True)
+
+    def coupled(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x.roll(1, -1)) + torch.cos(3 * t)
+
+    x0 = torch.linspace(-1, 1, d, dtype=F64).expand(2, d)
+    t = torch.linspace(0, 1, 13, dtype=F64) ** 1.5  # a non-uniform grid
+    for order in range(1, 6):
+        for last in (False, True):
+            options = {"warmup": warmup, "lower_order_final": last}
+            want = torchdiffeq.odeint(SemiLinearODE(diag, coupled), x0, t, method=f"deis{order}", options=options)
+            got = torchdiffeq.odeint(
+                SemiLinearODE(sparse, coupled), x0, t, method=f"deis{order}", options={**options, "krylov_tol": 1e-13}
+            )
+            assert _rel(got, want) < 1e-11, (order, last)
+
+
+def test_operator_step_is_one_exponential_step() -> None:
+    """operator_step(A, h, x, ws) = phi_0(hA) x + h sum_k k! phi_{k+1}(hA) ws[k], against dense phi-functions."""
+    a = laplacian(15)
+    x = initial(15)
+    ws = [torch.cos(torch.arange(15, dtype=F64) * (k + 1)) for k in range(3)]
+    h = 0.01
+    phis = matrix_phi_functions(a.to_dense() * h, 4)
+    want = phis[0] @ x + h * sum(math.factorial(k) * phis[k + 1] @ w for k, w in enumerate(ws))
+    assert _rel(operator_step(SparseMatrix(a), h, x, ws, tol=1e-13), want) < 1e-11
+    assert _rel(operator_step(SparseMatrix(a), h, x, []), phis[0] @ x) < 1e-9
