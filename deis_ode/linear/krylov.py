@@ -130,7 +130,7 @@ def phiv(
     vs: Sequence[Tensor],
     *,
     tol: float = 1e-10,
-    max_dim: int = 48,
+    max_dim: int = 64,
     stats: KrylovStats | None = None,
     symmetric: bool | None = None,
 ) -> Tensor:
@@ -188,7 +188,7 @@ def phiv(
     if h == 0.0:
         return u.reshape(shape)
     inv_fact = [1.0 / math.factorial(i) for i in range(p + 2)]
-    basis = torch.zeros(nb, max_dim + 1, d, dtype=work, device=device)
+    basis = torch.empty(nb, max_dim + 1, d, dtype=work, device=device)  # only columns <= m are read
     hess = torch.zeros(nb, max_dim + 1, max_dim, dtype=work, device=device)
     t, tau = 0.0, 1.0
     substeps = 0

@@ -37,7 +37,7 @@ from .multistep import build_plan
 
 F64 = torch.float64
 #: Default largest Krylov dimension.
-MAX_DIM = 40
+MAX_DIM = 64
 
 
 def default_tol(dtype: torch.dtype) -> float:
