@@ -153,6 +153,7 @@ def phiv(
         the product, shape ``vs[0].shape``, in float64 (complex128 for complex inputs or operators).
 
     Raises:
+        NotImplementedError: a vector requires grad while autograd is enabled (no gradients through the product).
         KrylovError: the substep had to shrink below ``1e-12`` (or more than ``MAX_REJECTIONS`` times): ``A`` has
             non-finite or enormous values, or ``max_dim`` is far too small.
     """
@@ -167,6 +168,12 @@ def phiv(
     for k, v in enumerate(vs):
         if v.shape != shape or shape[-1:] != (d,):
             raise ValueError(f"vs[{k}] has shape {tuple(v.shape)}; expected {tuple(shape)} with last dimension {d}")
+    if torch.is_grad_enabled() and any(v.requires_grad for v in vs):
+        raise NotImplementedError(
+            "gradients through the Krylov phi-products are not supported (the basis is built in place): run the "
+            "solve under torch.no_grad(), or use torchdiffeq.odeint_adjoint(..., method='deisK', "
+            "adjoint_method='dopri5'), whose forward pass runs without autograd"
+        )
     if symmetric is None:
         symmetric = bool(getattr(op, "symmetric", False))
     work = _work_dtype(vs, op)
