@@ -8,6 +8,7 @@ import math
 import re
 
 import pytest
+import scipy.sparse
 import torch
 import torchdiffeq
 from _subprocess import run_python
@@ -98,6 +99,9 @@ def test_representations_agree_and_explicit_methods_run_the_same_object(ref: tor
     answers = {
         "coo": solve(SemiLinearODE(a, fisher), x0, "deis3", 40, krylov_tol=1e-13),
         "csr": solve(SemiLinearODE(a.to_sparse_csr(), fisher), x0, "deis3", 40, krylov_tol=1e-13),
+        "scipy csr": solve(
+            SemiLinearODE(scipy.sparse.csr_matrix(dense.numpy()), fisher), x0, "deis3", 40, krylov_tol=1e-13
+        ),
         "dense operator": solve(SemiLinearODE(DenseMatrix(dense), fisher), x0, "deis3", 40, krylov_tol=1e-13),
         "matrix-free": solve(
             SemiLinearODE(MatrixFree(lambda v: v @ dense.T, D, symmetric=True), fisher),

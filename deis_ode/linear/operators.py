@@ -225,7 +225,9 @@ def as_operator(obj: Any, name: str = "linear") -> Any:
     if _is_scipy_sparse(obj):
         coo = obj.tocoo()
         indices = torch.from_numpy(_np_stack_int64(coo.row, coo.col))
-        return SparseMatrix(torch.sparse_coo_tensor(indices, torch.from_numpy(coo.data), coo.shape), name=name)
+        values = torch.from_numpy(coo.data)
+        matrix = torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=True)
+        return SparseMatrix(matrix, name=name)
     if isinstance(obj, Tensor):
         if obj.layout in _SPARSE_LAYOUTS:
             return SparseMatrix(obj, name=name)
