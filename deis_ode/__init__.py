@@ -5,6 +5,7 @@
 ``dx/dt = L(t) x + W(t) N(t, x)`` with its linear part treated exactly.
 """
 
+from . import linear
 from .diffusion import (
     VEODE,
     VPODE,
@@ -16,7 +17,7 @@ from .diffusion import (
     VPSchedule,
     timesteps,
 )
-from .forms import DiffusionForm, LinearForm
+from .forms import DiffusionForm, LinearForm, OperatorForm
 from .semilinear import SemiLinearODE
 from .solvers.stochastic import sdeint
 from .torchdiffeq import METHODS, register
@@ -33,11 +34,13 @@ __all__ = [
     "EDMSchedule",
     "FlowSchedule",
     "LinearForm",
+    "OperatorForm",
     "SemiLinearODE",
     "VEODE",
     "VESchedule",
     "VPODE",
     "VPSchedule",
+    "linear",
     "reference",
     "register",
     "sdeint",

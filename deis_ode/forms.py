@@ -15,6 +15,9 @@ where ``l_j`` are Lagrange basis polynomials in a basis variable ``u``.
 * :class:`LinearForm` is the general description: ``L`` constant (a scalar or a diagonal
   tensor, real or complex) or a callable of ``t``, an optional integral of ``L`` and an
   optional scalar weight. Its only basis is ``u = t``.
+* :class:`OperatorForm`: a constant linear operator ``A`` acting on the last dimension of the state (a sparse
+  matrix or a matrix-free object, :mod:`deis_ode.linear`) and ``W = 1``; the transition and the weights are
+  applied to vectors by Krylov phi-function products instead of being formed.
 * :class:`DiffusionForm` describes a diffusion probability-flow ODE, whose kernel factorises
   as ``Phi(t, tau) W(tau) dtau = m(t) d[exp(sign * lambda(tau))]`` with ``lambda`` the half
   log-SNR ``log(alpha / sigma)``. The eps split has ``m = alpha``, ``sign = -1`` (the clock
@@ -60,6 +63,20 @@ class LinearForm:
 
 
 @dataclass(frozen=True)
+class OperatorForm:
+    """``dx/dt = A x + N(t, x)`` with a constant operator ``A`` on the last dimension of the state.
+
+    Attributes:
+        operator: ``A``, following the protocol of :mod:`deis_ode.linear.operators` (``shape == (d, d)``,
+            ``A @ v`` on the last dimension).
+    """
+
+    operator: object
+
+    bases = ("t",)
+
+
+@dataclass(frozen=True)
 class DiffusionForm:
     """A diffusion probability-flow ODE in exponential form.
 
@@ -95,4 +112,4 @@ class DiffusionForm:
     bases = ("t", "rho", "logrho")
 
 
-ExponentialForm = LinearForm | DiffusionForm
+ExponentialForm = LinearForm | OperatorForm | DiffusionForm

@@ -21,6 +21,9 @@ Options (anything else raises ``ValueError``):
   at most this size, so every requested time is a grid point (no interpolation; unlike torchdiffeq's
   fixed-grid solvers, which interpolate linearly between grid points).
 * ``grid_constructor``: ``(func, y0, t) -> grid`` as in torchdiffeq; the requested times are merged in.
+* ``callback``, ``progress``: a per-step callback and a tqdm progress bar (see :class:`DEISSolver`).
+* ``krylov_tol``, ``krylov_max_dim``: for sparse or operator linear parts only (:mod:`deis_ode.linear`; run by
+  :mod:`deis_ode.solvers.krylov_multistep`): the Krylov tolerance and largest dimension.
 """
 
 from __future__ import annotations
@@ -34,14 +37,26 @@ from torchdiffeq._impl import misc as _td_misc
 from torchdiffeq._impl.odeint import SOLVERS
 
 from .diffusion.exponential import diffusion_form
-from .forms import DiffusionForm, LinearForm
+from .forms import DiffusionForm, LinearForm, OperatorForm
+from .linear import KrylovStats, check_operator
 from .semilinear import SemiLinearODE
 from .solvers.grid import prepare_grid
 from .solvers.ipndm import build_ipndm_plan, build_ipndm_v_plan, require_eps_diffusion
+from .solvers.krylov_multistep import build_operator_plan, run_operator_plan
 from .solvers.multistep import WARMUPS, build_plan, place_plan, run_plan
 from .solvers.rho_rk import TABLEAUS, build_rho_rk_plan, place_rho_rk_plan, run_rho_rk
 
-_VALID_OPTIONS = ("basis", "warmup", "lower_order_final", "step_size", "grid_constructor", "callback", "progress")
+_KRYLOV_OPTIONS = ("krylov_tol", "krylov_max_dim")  # sparse or operator linear parts only (deis_ode.linear)
+_VALID_OPTIONS = (
+    "basis",
+    "warmup",
+    "lower_order_final",
+    "step_size",
+    "grid_constructor",
+    "callback",
+    "progress",
+    *_KRYLOV_OPTIONS,
+)
 # Always passed by torchdiffeq (tolerances and norm only matter to adaptive solvers).
 _IGNORED = ("rtol", "atol", "norm")
 
@@ -113,6 +128,7 @@ class DEISSolver:
         progress: bool = False,
         **kwargs: Any,
     ) -> None:
+        self.krylov = {k[7:]: kwargs.pop(k) for k in _KRYLOV_OPTIONS if k in kwargs}  # tol, max_dim
         self._reject_unknown_options(kwargs, _VALID_OPTIONS)
         self.func = func
         self.ode, self.sign = unwrap(func, self.method)
@@ -161,6 +177,11 @@ class DEISSolver:
         last dimension); a callable ``L(t)`` is evaluated once at a time of the schedule's range and checked the
         same way; ``W(t)`` must be a scalar."""
         form = self.form
+        if isinstance(form, OperatorForm):
+            check_operator(form.operator, self.y0)
+            return
+        if self.krylov:
+            raise ValueError(f"options {sorted(self.krylov)} need a sparse or operator linear part (deis_ode.linear)")
         if not isinstance(form, LinearForm):
             return
         lin = form.constant_linear
@@ -289,6 +310,17 @@ class DEISSolver:
         """Run the method on the grid ``times`` (the user's time, float64 on the host; ``t_state`` is the same grid
         on the state's device and real dtype) and return the states at the grid indices ``outputs`` (written into the
         rows of ``out`` when it is given)."""
+        if isinstance(self.form, OperatorForm):  # sparse / matrix-free A: Krylov products (solvers/krylov_multistep)
+            plan = build_operator_plan(times, self.order, self.warmup, self.lower_order_final)
+            self.ode.krylov_stats = stats = KrylovStats()
+            op, nonlinear = self.form.operator, self.ode.nonlinear_part
+            states = run_operator_plan(
+                plan, op, nonlinear, self.y0, t_state, outputs, on_step, stats=stats, **self.krylov
+            )
+            if out is not None:
+                for row, state in zip(out.unbind(0), states, strict=True):
+                    row.copy_(state)
+            return states
         nonlinear, node_scale, shift = self._nonlinear(times)
         kind = self.ode.prediction if nonlinear == getattr(self.ode, "model_output", None) else self.ode_kind()
         grid, nonlinear = self._reporting(t_state, nonlinear, kind)

@@ -193,6 +193,8 @@ def full_order_sweeps(order: int) -> int:
 
 #: Largest total size, in bytes of float64 coefficients, of the plans kept by :func:`build_plan` for reuse.
 PLAN_CACHE_BYTES = 256 * 2**20
+#: Largest number of plans kept.
+PLAN_CACHE_ENTRIES = 64
 _PLAN_CACHE: OrderedDict[tuple, tuple[Plan, int, tuple]] = OrderedDict()
 
 
@@ -243,7 +245,7 @@ def build_plan(
     stores ``N_i / node_scale[i]`` (a drift that returns a model output whose conversion to ``N`` is linear,
     ``N_i = c_i (y_i + r_i x_i)``, lets the conversion's factor ``c_i`` live in the coefficients).
 
-    Plans are cached (bounded by :data:`PLAN_CACHE_BYTES`): a repeated solve on the same grid and form reuses its
+    Plans are cached (bounded by :data:`PLAN_CACHE_BYTES` and :data:`PLAN_CACHE_ENTRIES`): a repeated solve on the same grid and form reuses its
     plan. A returned plan is shared; do not modify it.
 
     Raises:
@@ -267,7 +269,10 @@ def build_plan(
         size = _plan_bytes(plan)
         if size <= PLAN_CACHE_BYTES // 4:
             _PLAN_CACHE[key] = (plan, size, form_key[1])
-            while sum(entry[1] for entry in _PLAN_CACHE.values()) > PLAN_CACHE_BYTES:
+            while (
+                sum(entry[1] for entry in _PLAN_CACHE.values()) > PLAN_CACHE_BYTES
+                or len(_PLAN_CACHE) > PLAN_CACHE_ENTRIES
+            ):
                 _PLAN_CACHE.popitem(last=False)
     return plan
 
