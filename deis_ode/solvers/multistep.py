@@ -245,8 +245,8 @@ def build_plan(
     stores ``N_i / node_scale[i]`` (a drift that returns a model output whose conversion to ``N`` is linear,
     ``N_i = c_i (y_i + r_i x_i)``, lets the conversion's factor ``c_i`` live in the coefficients).
 
-    Plans are cached (bounded by :data:`PLAN_CACHE_BYTES` and :data:`PLAN_CACHE_ENTRIES`): a repeated solve on the same grid and form reuses its
-    plan. A returned plan is shared; do not modify it.
+    Plans are cached (bounded by :data:`PLAN_CACHE_BYTES` and :data:`PLAN_CACHE_ENTRIES`): a repeated solve on the
+    same grid and form reuses its plan. A returned plan is shared; do not modify it.
 
     Raises:
         ValueError: unknown warm-up, a full-order warm-up on a grid with fewer than ``order - 1`` steps, or a linear
