@@ -336,3 +336,9 @@ def register() -> list[str]:
             SOLVERS[name] = cls
             ours.append(name)
     return ours
+
+
+# The error-controlled methods adaptive_deis2..5 (deis_ode/adaptive.py; imported last: it imports this module)
+from .adaptive import METHODS as _ADAPTIVE  # noqa: E402
+
+METHODS.update(_ADAPTIVE)
