@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 from torchdiffeq._impl import misc as _td_misc
+from torchdiffeq._impl.misc import _rms_norm
 
 from .forms import DiffusionForm
 from .solvers.adaptive import MIN_RTOL_ULPS, AdaptiveStats, Controls, integrate_adaptive
@@ -136,7 +137,7 @@ class AdaptiveDEISSolver:
         if dfactor >= 1:
             raise ValueError(f"option dfactor must be in (0, 1), got {dfactor!r}")
         if norm is None:
-            norm = _td_misc._rms_norm
+            norm = _rms_norm
         elif not callable(norm):
             raise ValueError(f"option norm must be a callable tensor -> scalar, got {type(norm).__name__}")
         self.controls = Controls(rtol, atol, norm, safety, ifactor, dfactor, first_step, max_num_steps)

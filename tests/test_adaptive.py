@@ -275,3 +275,20 @@ def test_diffusion_drift(extrapolate):
         out = torchdiffeq.odeint(ode, x0, t, method="adaptive_deis3", rtol=1e-6, atol=1e-6)[-1]
     assert float((out - ref).abs().max()) < 1e-4
     assert AdaptiveDEISSolver.last_stats.evaluations < 400
+
+
+def test_large_state_path_matches_small_state_path(monkeypatch):
+    """States above FUSED_MAX_ELEMENTS take one pass per term instead of stacked values: the same steps, the same
+    result to round-off (complex state, real L)."""
+    from deis_ode.solvers import adaptive as stepper
+
+    linear = -torch.logspace(-1, 3, 40, dtype=F64)
+    ode = SemiLinearODE(linear, lambda t, x: 0.5 * x * torch.cos(x.real) + torch.sin(t))
+    x0 = torch.complex(torch.linspace(-1, 1, 40, dtype=F64), torch.linspace(0, 1, 40, dtype=F64))
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    small = torchdiffeq.odeint(ode, x0, t, method="adaptive_deis4", rtol=1e-8, atol=1e-8)
+    steps = AdaptiveDEISSolver.last_stats.accepted
+    monkeypatch.setattr(stepper, "FUSED_MAX_ELEMENTS", 0)
+    large = torchdiffeq.odeint(ode, x0, t, method="adaptive_deis4", rtol=1e-8, atol=1e-8)
+    assert AdaptiveDEISSolver.last_stats.accepted == steps
+    assert float((large - small).abs().max()) < 1e-13
