@@ -99,13 +99,15 @@ def test_error_estimate_order(order):
     x_n = torch.tensor([0.3, -0.2, 1.0], dtype=F64)
     h0 = {2: 0.004, 3: 0.008, 4: 0.016, 5: 0.032}[order]  # the asymptotic range, above round-off
     for h in (h0, h0 / 2, h0 / 4):
-        predictor, difference = coefficients.step(h, (h,) * (order - 2))
-        past = torch.stack([x_n, *[torch.full((3,), forcing(t_n - j * h), dtype=F64) for j in range(order - 1)]])
-        x_pred = (predictor * past).sum(0)
-        est = (difference[1:] * past[1:]).sum(0) + difference[0] * forcing(t_n + h)
+        predictor, corrector = coefficients.step(h, (h,) * (order - 2))
+        history = [torch.full((3,), forcing(t_n - j * h), dtype=F64) for j in range(order - 1)]
+        x_pred = (predictor * torch.stack([x_n, *history])).sum(0)
+        n_new = torch.full((3,), forcing(t_n + h), dtype=F64)
+        x_new, est = (corrector * torch.stack([x_n, *history, n_new])).sum(1)
+        assert float((x_new - x_pred - est).abs().max()) < 1e-14
         truth = exact(t_n + h, t_n, x_n)
         estimates.append(float(est.abs().max()))
-        errors.append(float((x_pred + est - truth).abs().max()))
+        errors.append(float((x_new - truth).abs().max()))
         mismatch.append(float((est - (truth - x_pred)).abs().max()) / estimates[-1])
     slopes_est = [math.log2(a / b) for a, b in zip(estimates, estimates[1:], strict=False)]
     slopes_err = [math.log2(a / b) for a, b in zip(errors, errors[1:], strict=False)]

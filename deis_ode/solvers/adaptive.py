@@ -151,6 +151,7 @@ class DiagonalCoefficients:
         self.device = like.device
         self.pad = like.dim() - lin.ndim  # leading dimensions of the state that L broadcasts over
         self.cache: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.phis: OrderedDict[tuple, np.ndarray] = OrderedDict()
         per_stack = 12 * flat.size * like.element_size()
         self.cache_size = int(min(32, max(4, CACHE_BYTES // per_stack)))
 
@@ -158,7 +159,12 @@ class DiagonalCoefficients:
         """``Phi`` and, for each list of nodes ``theta`` (in units of the step, from ``t_n``), the weights
         ``C_j = h sum_k a_jk k! phi_{k+1}(L h)``, on the distinct values of ``L``."""
         kmax = max(len(theta) for theta in thetas)
-        phis = phi_functions_host(self.values * h, kmax)  # (kmax + 1, U)
+        phis = self.phis.get((h, kmax))  # a new geometry often has a known step (the steps after a change of size)
+        if phis is None:
+            phis = phi_functions_host(self.values * h, kmax)  # (kmax + 1, U)
+            self.phis[(h, kmax)] = phis
+            if len(self.phis) > self.cache_size:
+                self.phis.popitem(last=False)
         return phis[0], [_exponential_weights(theta, h, phis[1 : len(theta) + 1]) for theta in thetas]
 
     def place(self, out: np.ndarray) -> Tensor:
@@ -172,13 +178,13 @@ class DiagonalCoefficients:
         return out.to(device=self.device, dtype=self.dtype)
 
     def step(self, h: float, previous: tuple[float, ...]) -> tuple[Tensor, Tensor]:
-        """``(P, D)`` for a step ``h`` after the steps ``previous`` (newest first, ``p - 1`` of them).
+        """``(P, Q)`` for a step ``h`` after the steps ``previous`` (newest first, ``p - 1`` of them).
 
         ``P`` (``(p + 1, *L)``) against ``[x_n, N_n, .., N_{n-p+1}]`` is the ``p``-node predictor
-        ``[Phi, C_0 .. C_{p-1}]``; ``D`` (``(p + 1, *L)``) against ``[N_{n+1}, N_n, .., N_{n-p+1}]`` is the corrector
-        through the ``p + 1`` nodes ``t_{n+1}, t_n, ..``, minus the predictor: the error estimate, which the
-        corrected state adds to the predicted one. Cached by geometry (the controller keeps the step on a ladder of
-        sizes, so a steady step reuses its coefficients)."""
+        ``[Phi, C_0 .. C_{p-1}]``. ``Q`` (``(2, p + 2, *L)``) against ``[x_n, N_n, .., N_{n-p+1}, N_{n+1}]`` holds the
+        corrector through the ``p + 1`` nodes ``t_{n+1}, t_n, ..`` (row 0) and the corrector minus the predictor
+        (row 1: the error estimate). Cached by geometry (the controller keeps the step on a ladder of sizes, so a
+        steady step reuses its coefficients)."""
         key = (h, previous)
         cached = self.cache.get(key)
         if cached is not None:
@@ -189,13 +195,18 @@ class DiagonalCoefficients:
             theta.append(theta[-1] - step / h)
         p = len(theta)
         transition, (predictor, corrector) = self.weights(h, [theta, [1.0, *theta]])
-        out = np.empty((2 * p + 2, transition.size), dtype=transition.dtype)
+        out = np.zeros((3 * p + 5, transition.size), dtype=transition.dtype)
         out[0] = transition
         out[1 : p + 1] = predictor
-        out[p + 1 :] = corrector
-        out[p + 2 :] -= predictor
+        q = p + 1  # row 0 of Q
+        out[q] = transition
+        out[q + 1 : q + p + 1] = corrector[1:]
+        out[q + p + 1] = corrector[0]
+        e = q + p + 2  # row 1 of Q
+        out[e + 1 : e + p + 1] = corrector[1:] - predictor
+        out[e + p + 1] = corrector[0]
         placed = self.place(out)
-        pair = (placed[: p + 1], placed[p + 1 :])
+        pair = (placed[:q], placed[q:].reshape(2, p + 2, *placed.shape[1:]))
         self.cache[key] = pair
         if len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
@@ -296,8 +307,13 @@ def integrate_adaptive(
     def user(tau: float) -> float:
         return sign * tau
 
+    on_cpu = x0.device.type == "cpu"
+    real_np = torch.empty((), dtype=real).numpy().dtype if on_cpu and real != torch.bfloat16 else None
+
     def evaluate(tau: float, x: Tensor) -> Tensor:
         stats.evaluations += 1
+        if real_np is not None:  # a 0-dim CPU tensor through numpy: a quarter of torch.tensor's cost
+            return nonlinear(torch.from_numpy(np.array(user(tau), dtype=real_np)), x)
         return nonlinear(torch.tensor(user(tau), dtype=real, device=x0.device), x)
 
     rms = controls.norm is _rms_norm  # torchdiffeq's default norm: computed from squared magnitudes below
@@ -306,16 +322,22 @@ def integrate_adaptive(
         """``|v|^2`` without the complex absolute value (a hypot per element)."""
         return v.real.square().addcmul_(v.imag, v.imag) if v.is_complex() else v.square()
 
-    def error_ratio(est: Tensor, x: Tensor, x_new: Tensor, x_sq: Tensor | None) -> tuple[float, Tensor | None]:
-        """``norm(est / (atol + rtol max(|x|, |x_new|)))`` and ``|x_new|^2`` (reused as the next step's ``|x|^2``);
-        the step's one host synchronisation."""
+    def error_ratio(est: Tensor, x: Tensor, x_new: Tensor, x_mag: Tensor | None) -> tuple[float, Tensor | None]:
+        """``norm(est / (atol + rtol max(|x|, |x_new|)))`` and a magnitude of ``x_new`` that the next step reuses as
+        ``x_mag`` (``|x_new|`` for a small state, ``|x_new|^2`` for a large one); the step's one host
+        synchronisation."""
         if not rms:
             scale = controls.atol + controls.rtol * torch.maximum(x.abs(), x_new.abs())
             return float(controls.norm(est / scale)), None
-        new_sq = squared(x_new)
-        scale = torch.maximum(squared(x) if x_sq is None else x_sq, new_sq).sqrt_().mul_(controls.rtol)
+        if small:  # few operations: the complex absolute value costs little on a small state
+            new_mag = x_new.abs()
+            scale = torch.maximum(x.abs() if x_mag is None else x_mag, new_mag).mul_(controls.rtol).add_(controls.atol)
+            return float(torch.linalg.vector_norm(est / scale)) / math.sqrt(est.numel()), new_mag
+        # few passes: squared magnitudes, no complex absolute value (a hypot per element)
+        new_mag = squared(x_new)
+        scale = torch.maximum(squared(x) if x_mag is None else x_mag, new_mag).sqrt_().mul_(controls.rtol)
         scale = scale.add_(controls.atol).square_()
-        return math.sqrt(float((squared(est) / scale).mean())), new_sq
+        return math.sqrt(float((squared(est) / scale).mean())), new_mag
 
     def check_finite(tau: float, value: Tensor) -> None:
         if not bool(torch.isfinite(value).all()):
@@ -346,8 +368,15 @@ def integrate_adaptive(
         h = 1e-6 * span if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     h = min(h, span) if controls.first_step is not None else ladder(min(h, span))
     ratio_prev, step_prev = 1.0, None
-    x_sq = None  # |x|^2 of the current state, when the last step computed it
+    x_mag = None  # the magnitude of the current state, when the last step computed it
     small = x0.numel() <= FUSED_MAX_ELEMENTS
+    host = small and fast and on_cpu and rms and real_np is not None  # see the host branch of the loop
+    host_ratio = None
+
+    def as_numpy(tol: float | Tensor):
+        return tol.detach().cpu().numpy() if isinstance(tol, Tensor) else tol
+
+    rtol_np, atol_np = as_numpy(controls.rtol), as_numpy(controls.atol)
     rejected_last = False
     results: list[Tensor] = []
     attempts = 0
@@ -356,6 +385,8 @@ def integrate_adaptive(
             tau = times[-1]
             if len(values) < len(times):
                 values.append(evaluate(tau, x))
+            if host and values[-1].requires_grad:
+                host, x_mag = False, None
             rem = t_out - tau
             if h >= rem:
                 step = rem
@@ -389,27 +420,49 @@ def integrate_adaptive(
                 x_pred = _combine(predictor, [x, *history], matrix)
                 n_new = evaluate(tau_new, x_pred)
                 est = _combine(difference, [n_new, *history], matrix)
+                x_new = x_pred + est
+            elif host and p == len(history):
+                # a small CPU state outside autograd: the step's arithmetic in numpy on views of the same memory
+                # (a numpy operation on a few thousand numbers costs a fifth of a torch dispatch)
+                previous = tuple(sign * s for s in reversed(steps[len(steps) - p + 1 :])) if p > 1 else ()
+                predictor, corrector = diagonal.step(sign * step, previous)
+                past = np.stack([x.numpy(), *(v.numpy() for v in history)])
+                x_pred = torch.from_numpy((predictor.numpy() * past).sum(0))
+                n_new = evaluate(tau_new, x_pred)
+                if n_new.requires_grad or n_new.device.type != "cpu" or n_new.dtype != x.dtype:
+                    host, x_mag = False, None  # N is tracked by autograd (or moved): the torch path from here on
+                    x_new, est = (corrector * torch.stack([x, *history, n_new])).sum(1).unbind(0)
+                else:
+                    both = (corrector.numpy() * np.concatenate([past, n_new.numpy()[None]])).sum(1)
+                    magnitude = np.abs(both)
+                    mag_x = np.abs(x.numpy()) if x_mag is None else x_mag
+                    scale = np.maximum(mag_x, magnitude[0]) * rtol_np + atol_np
+                    x_new, est = torch.from_numpy(both[0]), torch.from_numpy(both[1])
+                    host_ratio = (float(np.linalg.norm(magnitude[1] / scale)) / math.sqrt(both[1].size), magnitude[0])
             elif small:
                 # a small state: a few operations on stacked values (each operation costs its dispatch)
                 previous = tuple(sign * s for s in reversed(steps[len(steps) - p + 1 :])) if p > 1 else ()
-                predictor, difference = diagonal.step(sign * step, previous)
-                past = torch.stack([x, *history])
-                x_pred = (predictor * past).sum(0)
+                predictor, corrector = diagonal.step(sign * step, previous)
+                x_pred = (predictor * torch.stack([x, *history])).sum(0)
                 n_new = evaluate(tau_new, x_pred)
-                est = (difference[1:] * past[1:]).sum(0).add_(difference[0] * n_new)
+                x_new, est = (corrector * torch.stack([x, *history, n_new])).sum(1).unbind(0)
             else:
                 # a large state: one pass per term, no stacked copies
                 previous = tuple(sign * s for s in reversed(steps[len(steps) - p + 1 :])) if p > 1 else ()
-                predictor, difference = diagonal.step(sign * step, previous)
+                predictor, corrector = diagonal.step(sign * step, previous)
                 x_pred = x * predictor[0]
                 for c, v in zip(predictor[1:], history, strict=True):
                     x_pred.addcmul_(c, v)
                 n_new = evaluate(tau_new, x_pred)
-                est = n_new * difference[0]
-                for c, v in zip(difference[1:], history, strict=True):
+                difference = corrector[1]
+                est = n_new * difference[-1]
+                for c, v in zip(difference[1:-1], history, strict=True):
                     est.addcmul_(c, v)
-            x_new = x_pred + est
-            ratio, new_sq = error_ratio(est, x, x_new, x_sq)
+                x_new = x_pred + est
+            if host_ratio is not None:
+                (ratio, new_mag), host_ratio = host_ratio, None
+            else:
+                ratio, new_mag = error_ratio(est, x, x_new, x_mag)
             if not math.isfinite(ratio):
                 check_finite(tau, values[-1])
                 check_finite(tau_new, n_new)
@@ -422,7 +475,7 @@ def integrate_adaptive(
                 stats.smallest_step = min(stats.smallest_step, step)
                 stats.largest_step = max(stats.largest_step, step)
                 times.append(t_out if step == rem else tau_new)
-                x, x_sq = x_new, new_sq
+                x, x_mag = x_new, new_mag
                 stats.t_reached = user(times[-1])
                 values.append(n_new)  # N at the predicted state (PEC: not re-evaluated at the corrected one)
                 steps.append(step)
