@@ -185,6 +185,7 @@ class AdaptiveDEISSolver:
             self.controls,
             self.stats,
             self._callbacks(),
+            self.ode.weight_part,
         )
         return torch.stack([self.y0, *states])
 

@@ -278,10 +278,13 @@ def integrate_adaptive(
     controls: Controls,
     stats: AdaptiveStats,
     callbacks: dict[str, Callable] | None = None,
+    weight: Callable[[Tensor], float | Tensor] | None = None,
 ) -> list[Tensor]:
     """Integrate from ``outputs[0]`` through every later output time (the solver's increasing time ``tau``; the
     user's time is ``sign * tau``) with the ``order``-node method under error control; return the states at
-    ``outputs[1:]``.
+    ``outputs[1:]``. ``callbacks`` (torchdiffeq's ``callback_step``, ``callback_accept_step``,
+    ``callback_reject_step``) receive the solver's time and step, as torchdiffeq's own solvers pass them; ``weight``
+    is ``W(t)``, used by the first guess of the step.
 
     Raises:
         FloatingPointError: ``N`` returned NaN or inf (names the time).
@@ -359,14 +362,19 @@ def integrate_adaptive(
     if controls.first_step is not None:
         h = float(controls.first_step)
     else:
-        # Hairer-Norsett-Wanner's first guess from |x0| and |N0| (one node: the error of exponential Euler)
+        # Hairer-Norsett-Wanner's first guess from |x0| and |W N0| (the part the polynomial carries; the linear part
+        # is integrated exactly and does not limit the step)
         values.append(evaluate(tau0, x))
+        w0 = 1.0 if weight is None else abs(float(weight(torch.tensor(user(tau0), dtype=F64))))
         d0 = float(controls.norm(x / state_scale(x)))
-        d1 = float(controls.norm(values[0] / state_scale(x)))
+        d1 = w0 * float(controls.norm(values[0] / state_scale(x)))
         if not math.isfinite(d1):
             check_finite(tau0, values[0])
         h = 1e-6 * span if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-    h = min(h, span) if controls.first_step is not None else ladder(min(h, span))
+    # the diagonal path keeps its steps on a ladder, so that coefficients are reused; the others compute theirs
+    # every step anyway and take the controller's step as it is
+    on_ladder = ladder if diagonal is not None else (lambda value: value)
+    h = min(h, span) if controls.first_step is not None else on_ladder(min(h, span))
     ratio_prev, step_prev = 1.0, None
     x_mag = None  # the magnitude of the current state, when the last step computed it
     small = x0.numel() <= FUSED_MAX_ELEMENTS
@@ -409,7 +417,7 @@ def integrate_adaptive(
                     "loosen rtol/atol"
                 )
             if "callback_step" in callbacks:
-                callbacks["callback_step"](user(tau), x, sign * step)
+                callbacks["callback_step"](tau, x, step)
             first_step = stats.accepted == 0
             p = min(order - 1, len(times))  # past nodes of the predictor
             tau_new = tau + step
@@ -470,7 +478,7 @@ def integrate_adaptive(
             exponent = 1.0 / (p + 1)  # the estimate is the local error of the p-node predictor, O(h^(p+1))
             if ratio <= 1.0:
                 if "callback_accept_step" in callbacks:
-                    callbacks["callback_accept_step"](user(tau), x, sign * step)
+                    callbacks["callback_accept_step"](tau, x, step)
                 stats.accepted += 1
                 stats.smallest_step = min(stats.smallest_step, step)
                 stats.largest_step = max(stats.largest_step, step)
@@ -495,17 +503,17 @@ def integrate_adaptive(
                 factor = min(max(factor, controls.dfactor), upper)
                 # a step shortened to meet an output time keeps the size the controller had proposed
                 proposed = max(h, step * factor) if step < h else step * factor
-                if rejected_last or not (h <= proposed < KEEP * h):
-                    h = ladder(proposed)
+                if rejected_last or not (h <= proposed < KEEP * h) or diagonal is None:
+                    h = on_ladder(proposed)
                 ratio_prev, step_prev = max(ratio, 1e-10), step
                 rejected_last = False
             else:
                 if "callback_reject_step" in callbacks:
-                    callbacks["callback_reject_step"](user(tau), x, sign * step)
+                    callbacks["callback_reject_step"](tau, x, step)
                 stats.rejected += 1
                 lower = 1e-3 if first_step else controls.dfactor  # the first guess may be far off
                 factor = controls.safety * ratio ** (-exponent) if math.isfinite(ratio) else lower
-                h = ladder(step * min(max(factor, lower), controls.safety))
+                h = on_ladder(step * min(max(factor, lower), controls.safety))
                 rejected_last = True
         results.append(x)
     return results
