@@ -16,7 +16,7 @@ error of 1e-4 and 1e-6 are interpolated in log-log between the measured points (
 tolerance table lists, for rtol 1e-3 .. 1e-9, the achieved relative error and its ratio to rtol.
 
 Diffusion: the VP probability-flow ODE of ``benchmarks/accuracy.py`` (8-D mixture of narrow Gaussians, exact eps
-model, diffusers' schedule, 256 samples), from t = 999 to the last diffusers level. ``adaptive_deisK`` (eps and
+model, diffusers' schedule, 256 samples), from t = 999 to the last diffusers level. ``adaptive_deis2..5`` (eps and
 x0 splits) and torchdiffeq ``dopri5`` on the same drift over a range of tolerances; the error is the median over the
 samples of the max-norm error against a DOP853 reference in lambda at rtol 1e-12 (``reference.InHalfLogSNR``), and
 the model evaluations (NFE) to reach a median error of 1e-3 and 1e-4 are interpolated as above.
@@ -192,7 +192,7 @@ def diffusion_part(quick: bool, log) -> None:
     tolerances = (1e-3, 1e-4, 1e-5, 1e-6) if quick else (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
     for extrapolate in ("eps", "x0"):
         ode = VPODE(model, schedule, extrapolate=extrapolate)
-        for k in (2, 3, 4):
+        for k in (2, 3, 4, 5):
             for tol in tolerances:
                 run(f"adaptive_deis{k} ({extrapolate} split)", ode, f"adaptive_deis{k}", tol)
     for tol in tolerances:
