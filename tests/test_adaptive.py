@@ -294,3 +294,17 @@ def test_large_state_path_matches_small_state_path(monkeypatch):
     large = torchdiffeq.odeint(ode, x0, t, method="adaptive_deis4", rtol=1e-8, atol=1e-8)
     assert AdaptiveDEISSolver.last_stats.accepted == steps
     assert float((large - small).abs().max()) < 1e-13
+
+
+def test_time_dependent_linear_part_and_weight():
+    """A time-dependent diagonal L (integrated by quadrature per step) and a weight W(t): the general coefficient
+    path (step_coefficients twice per step)."""
+    base = -torch.logspace(0, 2, 4, dtype=F64)
+    ode = SemiLinearODE(
+        lambda t: base * (1.0 + 0.5 * torch.sin(t)), lambda t, x: torch.cos(x) + t, weight=lambda t: 1.0 + 0.3 * t
+    )
+    x0 = torch.tensor([1.0, 0.5, -0.5, 2.0], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    ref = reference.solve(ode, x0, t, method="LSODA", rtol=1e-13, atol=1e-13).states
+    out = torchdiffeq.odeint(ode, x0, t, method="adaptive_deis4", rtol=1e-6, atol=1e-6)
+    assert float(relative(out, ref)[-1]) < 1e-5
