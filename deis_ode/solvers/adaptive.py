@@ -70,8 +70,8 @@ UNDERFLOW = 1e-14
 CACHE_BYTES = 64 * 2**20
 #: Step sizes lie on the ladder ``2^(m / LADDER)``; an accepted step keeps its size unless the controller asks for
 #: at least ``KEEP`` times more or less than ``KEEP_LOW`` times as much, so that steady stretches reuse their
-#: coefficients (on Gray-Scott, KEEP_LOW = 0.9 instead of 1 cut the coefficient computations by a quarter to a third
-#: at the same number of steps).
+#: coefficients (a lower bound of 0.9 rather than 1 avoids recomputing them when an accepted step asks for a slightly
+#: smaller one).
 LADDER = 8
 KEEP = 1.5
 KEEP_LOW = 0.9
