@@ -24,13 +24,18 @@ step):
 of the two is taken, as in Hairer and Wanner's RADAU5), bounded by ``[dfactor, ifactor]``; after a rejection the
 step shrinks by ``max(dfactor, safety r^{-1/K'})`` and the next accepted step may not grow. A rejected step is
 dropped: the history keeps accepted points only. The first step is exponential Euler corrected by the exponential
-trapezoidal rule, at the guess of Hairer, Norsett and Wanner (Solving ODEs I, II.4) from ``|x_0|`` and ``|N_0|``;
+trapezoidal rule, at the guess of Hairer, Norsett and Wanner (Solving ODEs I, II.4) from ``|x_0|`` and
+``|W(t_0) N_0|``;
 its own estimate corrects the guess (it may shrink 1000x or grow 100x), and the order rises by one per accepted step
 until ``p = K - 1``.
 
-Steps lie on the ladder ``2^(m/8)``, and an accepted step keeps its size unless the controller asks for less than
-0.9x or at least 1.5x of it: a steady stretch of steps then has one geometry, whose coefficients are computed once
-and reused (the host work of a step is then a dictionary look-up).
+With a constant diagonal ``L``, steps lie on the ladder ``2^(m/8)``, and an accepted step keeps its size unless the
+controller asks for less than 0.9x or at least 1.5x of it: a steady stretch of steps then has one geometry, whose
+coefficients are computed once and reused (the host work of a step is then a dictionary look-up). Other forms
+compute their coefficients every step and take the controller's step as it is.
+
+Arithmetic: a small CPU state outside autograd (at most ``FUSED_MAX_ELEMENTS`` elements) steps in numpy on views of
+the same memory; another small state uses a few stacked torch operations; a large one makes one pass per term.
 
 Output times are stepped to exactly: a step that would pass the next requested time is shortened to end on it (and
 one that would leave less than a step is split in two halves), so the outputs carry the method's own order and no
