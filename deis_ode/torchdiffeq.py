@@ -180,7 +180,7 @@ class DEISSolver:
         if isinstance(form, OperatorForm):
             check_operator(form.operator, self.y0)
             return
-        if self.krylov:
+        if getattr(self, "krylov", None):
             raise ValueError(f"options {sorted(self.krylov)} need a sparse or operator linear part (deis_ode.linear)")
         if not isinstance(form, LinearForm):
             return
@@ -474,3 +474,9 @@ def register() -> list[str]:
             SOLVERS[name] = cls
             ours.append(name)
     return ours
+
+
+# The error-controlled methods adaptive_deis2..5 (deis_ode/adaptive.py; imported last: it imports this module)
+from .adaptive import METHODS as _ADAPTIVE  # noqa: E402
+
+METHODS.update(_ADAPTIVE)
