@@ -312,7 +312,9 @@ def test_time_dependent_linear_part_and_weight():
 
 def test_operator_linear_parts_are_refused_with_a_pointer_to_the_fixed_step_methods():
     d = 6
-    lap = torch.diag(torch.full((d,), -2.0, dtype=torch.float64)) + torch.diag(torch.ones(d - 1, dtype=torch.float64), 1)
+    lap = torch.diag(torch.full((d,), -2.0, dtype=torch.float64)) + torch.diag(
+        torch.ones(d - 1, dtype=torch.float64), 1
+    )
     ode = deis_ode.SemiLinearODE(lap.to_sparse(), lambda t, x: torch.sin(x))
     with pytest.raises(ValueError, match="does not support sparse or operator linear parts"):
         torchdiffeq.odeint(ode, torch.ones(d, dtype=torch.float64), torch.tensor([0.0, 1.0]), method="adaptive_deis3")
