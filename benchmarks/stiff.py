@@ -70,7 +70,7 @@ import kuramoto_sivashinsky
 from _spectral import PackedSystem, SpectralProblem, relative_error, unpack
 
 import deis_ode
-from deis_ode import torchdiffeq as adapter
+from deis_ode import methods as adapter
 from deis_ode.solvers import fused, multistep
 from deis_ode.verify import count_evaluations
 

@@ -18,9 +18,9 @@ from .diffusion import (
     timesteps,
 )
 from .forms import DiffusionForm, LinearForm, OperatorForm
+from .methods import METHODS, register
 from .semilinear import SemiLinearODE
 from .solvers.stochastic import sdeint
-from .torchdiffeq import METHODS, register
 
 __version__ = "0.1.0"
 

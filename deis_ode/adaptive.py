@@ -38,9 +38,9 @@ from torchdiffeq._impl import misc as _td_misc
 from torchdiffeq._impl.misc import _rms_norm
 
 from .forms import DiffusionForm, OperatorForm
+from .methods import DEISSolver, unwrap
 from .solvers.adaptive import MIN_RTOL_ULPS, AdaptiveStats, Controls, integrate_adaptive
 from .solvers.grid import prepare_grid
-from .torchdiffeq import DEISSolver, unwrap
 
 _OPTIONS = ("first_step", "max_num_steps", "safety", "ifactor", "dfactor", "norm", "basis")
 

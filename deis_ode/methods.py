@@ -1,7 +1,10 @@
-"""torchdiffeq adapter: the ``deis1`` .. ``deis5`` methods in torchdiffeq's solver registry.
+"""The methods in torchdiffeq's solver registry: ``deis1`` .. ``deis5`` (and, from :mod:`deis_ode.adaptive`,
+``adaptive_deis2`` .. ``adaptive_deis5``). This module is the front end that adapts torchdiffeq's solver contract to
+the engine (:mod:`deis_ode.solvers`); it is not named after the package it adapts, so that ``import torchdiffeq``
+inside the package always means torchdiffeq.
 
-The paper's diffusion variants are registered too (options ``step_size`` and ``grid_constructor`` only; a
-diffusion drift is required): ``ipndm``, ``ipndm_v`` and ``deis_rk2`` .. ``deis_rk4``
+The paper's diffusion variants are registered too (options ``step_size``, ``grid_constructor``, ``callback`` and
+``progress``; a diffusion drift is required): ``ipndm``, ``ipndm_v`` and ``deis_rk2`` .. ``deis_rk4``
 (see :class:`DiffusionVariantSolver`).
 
 After ``import deis_ode``, ``torchdiffeq.odeint(ode, x0, t, method="deis3", options={...})`` integrates a
