@@ -348,3 +348,35 @@ def test_a_diffusion_callback_receives_the_data_prediction(split, method):
     for n, tn, xn, x0 in seen:
         assert float(tn) == pytest.approx(float(t[n]))
         assert torch.allclose(x0, drift.predict(tn, xn, "x0"), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [1, 4, 5, 9])
+def test_a_large_state_names_the_step_where_N_failed(bad):
+    # the unfused loop records the state every K steps; a failure is located by a replay with a record per step
+    size = 20000
+    ode = SemiLinearODE(
+        torch.tensor(-1.0, dtype=F64),
+        lambda t, x: torch.where(torch.isclose(t, torch.tensor(bad / 10, dtype=t.dtype)), math.nan, 1.0) + 0 * x,
+    )
+    t = torch.linspace(0, 1, 11, dtype=F64)
+    with torch.no_grad(), pytest.raises(FloatingPointError, match=rf"grid step {bad} \(t = 0\.{bad}"):
+        torchdiffeq.odeint(
+            ode, torch.zeros(size, dtype=F64), t[[0, -1]], method="deis3", options={"grid_constructor": lambda *a: t}
+        )
+
+
+def test_a_failure_that_a_replay_does_not_reproduce_names_the_window():
+    calls = []
+
+    def flaky(t, x):
+        calls.append(float(t))
+        first = len(calls) == 6
+        return torch.full_like(x, math.nan if first else 0.5)
+
+    ode = SemiLinearODE(
+        torch.tensor(-1.0, dtype=F64),
+        flaky,
+    )
+    t = torch.linspace(0, 1, 11, dtype=F64)
+    with pytest.raises(FloatingPointError, match=r"between grid steps 3 and 6 .*is N deterministic"):
+        torchdiffeq.odeint(ode, torch.zeros(20000, dtype=F64), t, method="deis3", options={"warmup": "lower_order"})

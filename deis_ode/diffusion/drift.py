@@ -98,6 +98,7 @@ class DiffusionODE(SemiLinearODE):
         self.thresholding = thresholding
         self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
         self.sample_max_value = float(sample_max_value)
+        self._memo: dict[tuple, object] = {}  # per-grid results of check_grid and output_conversion
 
     def extra_repr(self) -> str:
         text = f"schedule={self.schedule!r}, prediction={self.prediction!r}, extrapolate={self.extrapolate!r}"
@@ -179,6 +180,12 @@ class DiffusionODE(SemiLinearODE):
             return None
         target = self.extrapolate if target is None else target
         times = as_float64(times).detach().reshape(-1).cpu()
+        key = ("output_conversion", self.prediction, target, times.numpy().tobytes())
+        if key in self._memo:
+            return self._memo[key]
+        return self._remember(key, self._output_conversion(times, target))
+
+    def _output_conversion(self, times: Tensor, target: str) -> tuple[Tensor, Tensor] | None:
         if self.prediction == target:
             return torch.ones_like(times), torch.zeros_like(times)
         schedule = self.schedule
@@ -220,6 +227,9 @@ class DiffusionODE(SemiLinearODE):
         :class:`~deis_ode.diffusion.FlowSchedule`). The x0 split has no such restriction.
         """
         times = as_float64(times).detach().reshape(-1).cpu()
+        key = ("check_grid", self.extrapolate, times.numpy().tobytes())
+        if key in self._memo:  # the same grid as a recent solve: nothing new to check
+            return
         self.schedule.check_times(times)
         if self.extrapolate == "eps":
             zero = torch.isneginf(self.schedule.log_alpha(times))
@@ -230,6 +240,15 @@ class DiffusionODE(SemiLinearODE):
                     f"{self.schedule!r}; use extrapolate='x0', whose transition sigma_t / sigma_s stays finite "
                     "where alpha = 0"
                 )
+        self._remember(key, True)
+
+    def _remember(self, key: tuple, value: object) -> object:
+        """Keep ``value`` for ``key`` (a few recent grids: repeated solves on one grid skip the schedule's
+        arithmetic); the schedule is immutable, and the key holds everything else the value depends on."""
+        if len(self._memo) >= 8:
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = value
+        return value
 
     # --- what the deis* methods read --------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ the host.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -481,6 +482,7 @@ class FiniteChecks:
     def __init__(self, count: int, like: Tensor) -> None:
         count = max(count, 1)
         self.where: list[int] = []
+        self.states: list[bool] = []
         block = _product_block(like.numel())
         dtypes = (torch.float32, torch.float64, torch.complex64, torch.complex128)
         if block is not None and like.dtype in dtypes and like.device.type != "mps":
@@ -494,8 +496,9 @@ class FiniteChecks:
             self.records = torch.zeros(count, 1, dtype=self.dtype, device=like.device)
         self.rows = self.records.unbind(0)
 
-    def record(self, i: int, value: Tensor) -> None:
-        """Record the evaluation ``value`` of ``N`` at grid index ``i``."""
+    def record(self, i: int, value: Tensor, state: bool = False) -> None:
+        """Record ``value``: the evaluation of ``N`` at grid index ``i``, or (``state``) the state ``x_i``."""
+        self.states.append(state)
         row = self.rows[len(self.where)]
         flat = value.detach().reshape(-1)
         if self.zeros is not None:
@@ -510,13 +513,18 @@ class FiniteChecks:
 
     def first_bad(self) -> int | None:
         """The grid index of the first non-finite evaluation, or ``None`` (one host synchronisation)."""
+        bad = self.first_bad_record()
+        return None if bad is None else self.where[bad]
+
+    def first_bad_record(self) -> int | None:
+        """The position of the first non-finite record, or ``None`` (one host synchronisation)."""
         n = len(self.where)
         if n == 0:
             return None
         finite = torch.isfinite(self.records[:n]).all(dim=1)
         if bool(finite.all()):
             return None
-        return self.where[int(torch.nonzero(~finite)[0, 0])]
+        return int(torch.nonzero(~finite)[0, 0])
 
 
 def run_plan(
@@ -529,6 +537,7 @@ def run_plan(
     noise: Callable[[Update], Tensor | None] | None = None,
     shift: list[float] | None = None,
     out: Tensor | None = None,
+    exact: bool = False,
 ) -> list[Tensor]:
     """Execute ``plan`` (placed: :func:`place_plan`) from ``x0`` and return the states at the grid indices
     ``outputs`` (increasing).
@@ -544,9 +553,17 @@ def run_plan(
             i.e. ``N_i = c_i (y_i + shift[i] x_i)`` for a model output ``y_i`` (one fused operation per step).
         out: a tensor of shape ``(len(outputs), *x0.shape)`` that receives the wanted states (the returned list holds
             its rows): each is written there by its step, with no copy at the end. Only with grad mode off.
+        exact: record every evaluation of N (the replay after a failure); by default the unfused main loop records
+            the state every ``order`` steps (see below).
 
     ``nonlinear`` never receives a tensor that the loop writes later (it may keep its input), and the loop never
     writes into a tensor that ``nonlinear`` returned.
+
+    Finiteness: the warm-up and the fused loop record every evaluation of N; the unfused main loop (large states)
+    records the state every ``order`` steps and at the end, a third of the reductions, since a NaN or inf from N
+    reaches every later state. A failure found by a state record is located by replaying the solve up to that
+    state with a record per evaluation (N is evaluated again; with a deterministic N the error names the exact step,
+    otherwise the window of steps).
 
     Raises:
         FloatingPointError: if N returned NaN or inf; names the first step and time where it did.
@@ -556,13 +573,13 @@ def run_plan(
     if out is not None and torch.is_grad_enabled():
         raise ValueError("run_plan: out= is for solves without autograd (torch.no_grad() or torch.inference_mode())")
     values: dict[int, Tensor] = {}
-    checks = FiniteChecks(plan.evaluations, x0)
+    checks = FiniteChecks(plan.evaluations + len(plan.main) // plan.order + 2, x0)
     grid = times.unbind(0) if isinstance(times, Tensor) else list(times)  # 0-dim views: cheaper than indexing
     dtype, shape = x0.dtype, x0.shape
     order = plan.order
     ring: list[Tensor] | None = None  # buffers for y + shift x, the loop's own tensors (never seen by user code)
 
-    def evaluate(i: int, x: Tensor) -> None:
+    def evaluate(i: int, x: Tensor, record: bool = True) -> None:
         out = nonlinear(grid[i], x)
         if out.shape != shape:
             raise ValueError(f"N(t, x) returned shape {tuple(out.shape)}; expected the state's shape {tuple(shape)}")
@@ -575,7 +592,8 @@ def run_plan(
                 else torch.add(out, x, alpha=shift[i], out=ring[i % order])
             )
         values[i] = out
-        checks.record(i, out)
+        if record:
+            checks.record(i, out)
 
     position = {index: k for k, index in enumerate(outputs)}
     results: dict[int, Tensor] = {}
@@ -622,11 +640,18 @@ def run_plan(
             direct = out is not None and noise is None
             if shift is not None:
                 ring = [torch.empty_like(x0) for _ in range(order)]
+    # The unfused main loop records the state every ``order`` steps instead of every evaluation of N: a NaN or inf
+    # from N reaches every later state (IEEE arithmetic: NaN and inf survive any linear combination, 0 * inf is
+    # NaN), so the records catch it; on failure the steps since the last finite record are replayed with a record
+    # per evaluation to name the step (``exact``).
+    per_state = bool(main) and not exact
     for k, update in enumerate(main):
         if k > 0:
             if on_step is not None:
                 on_step(update.source, x)
-            evaluate(update.source, x)
+            if per_state and k % order == 0:
+                checks.record(update.source, x, state=True)
+            evaluate(update.source, x, record=not per_state)
         target = update.target
         if direct and target in position:
             x = results[target] = apply_update(update, x, values, out[position[target]])
@@ -640,13 +665,25 @@ def run_plan(
                 x = keep(target, x)
         values.pop(target - order, None)
 
+    if per_state:
+        checks.record(main[-1].target, x, state=True)
     flags = [checks.all_finite()]
     if fused_check is not None:
         flags.append(fused_check.all_finite())
     if not bool(torch.stack(flags).all()):  # the loop's single host synchronisation
-        bad = checks.first_bad()
-        if bad is None:
-            bad = fused_check.first_bad()
+        record = checks.first_bad_record()
+        bad = fused_check.first_bad() if record is None else checks.where[record]
+        if record is not None and checks.states[record]:
+            # the state x_bad is the first non-finite one recorded: N failed at one of the steps since the last
+            # finite record; replay the solve up to x_bad, recording every evaluation, to name the step
+            since = max([checks.where[r] for r in range(record) if checks.states[r]], default=main[0].source)
+            upto = dataclasses.replace(plan, main=[u for u in plan.main if u.target <= bad], placed={})
+            run_plan(upto, nonlinear, x0, times, [0], None, noise, shift, exact=True)
+            raise FloatingPointError(
+                f"the state became NaN or inf between grid steps {since} and {bad} (t = {grid[since].item():.8g} to "
+                f"{grid[bad].item():.8g}): the nonlinear part N(t, x) returned NaN or inf at one of those steps (a "
+                "replay of the solve did not reproduce it: is N deterministic?)"
+            )
         raise FloatingPointError(
             f"the nonlinear part N(t, x) returned NaN or inf at grid step {bad} (t = {grid[bad].item():.8g}); "
             "the model or the state diverged there"
