@@ -49,7 +49,8 @@ from .grids import timesteps
 __all__ = ["OptimizeInfo", "optimize_timesteps"]
 
 _F64 = torch.float64
-_START_SPACINGS = ("power", "logsnr", "karras", "uniform")
+_POWERS = (1.5, 2.0, 3.0, 5.0)
+_MIXES = (0.0, 0.25, 0.5)
 
 
 @dataclass
@@ -89,9 +90,11 @@ def optimize_timesteps(
     t_start: float | None = None,
     t_end: float | None = None,
     candidates: int = 120,
+    quantile: float = 0.75,
     teacher: str = "deis3",
+    teacher_options: dict | None = None,
     teacher_substeps: int = 4,
-    refine_sweeps: int = 6,
+    refine_sweeps: int = 3,
     return_info: bool = False,
 ) -> Tensor | tuple[Tensor, OptimizeInfo]:
     r"""An ``n``-step time grid optimised for ``drift`` on the calibration batch ``x`` (see the module docstring).
@@ -142,21 +145,29 @@ def optimize_timesteps(
     if not start > end:
         raise ValueError(f"t_start must be greater than t_end (sampling runs from noise to data): {start!r}, {end!r}")
     options = dict(options or {})
+    quantile = float(quantile)
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
     info = OptimizeInfo()
     x = x.detach().to(_F64)
 
     cand = _candidates(schedule, candidates, start, end)
     drift.check_grid(cand)
     info.candidates = cand.numel()
+    if teacher_options is None and teacher.startswith("deis"):
+        # closed-form weights in log rho (no quadrature over tiny teacher steps) where lambda is finite everywhere
+        finite = bool(torch.isfinite(schedule.half_log_snr(cand)).all())
+        teacher_options = {"basis": "logrho" if finite else "t"}
     fine = _refine(cand, teacher_substeps)
     with torch.no_grad(), count_evaluations(drift) as calls:
         try:
-            states = torchdiffeq.odeint(drift, x, fine, method=teacher)
-        except (RuntimeError, ValueError) as error:  # a model that rejects the batch's shape, typically
+            drift.nonlinear(cand[0], x)
+        except (RuntimeError, ValueError) as error:
             raise ValueError(
-                f"the teacher solve of the calibration batch x (shape {tuple(x.shape)}) failed; x must be a batch of "
-                f"noise draws shaped as the model expects: {error}"
+                f"the model rejects the calibration batch x of shape {tuple(x.shape)}; x must be a batch of noise "
+                f"draws shaped as the model expects (batch first): {error}"
             ) from error
+        states = torchdiffeq.odeint(drift, x, fine, method=teacher, options=dict(teacher_options or {}))
         teacher_states = states[::teacher_substeps]  # (M + 1, B, ...)
         preds = torch.stack([drift.nonlinear(cand[i], teacher_states[i]) for i in range(cand.numel() - 1)])
         info.teacher_evaluations = calls.count
@@ -167,18 +178,16 @@ def optimize_timesteps(
 
         def objective(grid: Tensor) -> float:
             info.solves += 1
-            out = torchdiffeq.odeint(drift, x, grid, method=method, options=options)[-1]
+            try:
+                out = torchdiffeq.odeint(drift, x, grid, method=method, options=options)[-1]
+            except (RuntimeError, ValueError):  # a grid this method cannot integrate (e.g. a quadrature failure)
+                return math.inf
             err = (out - target).flatten(1).norm(dim=1)
-            value = float(err.mean())
+            value = float(torch.quantile(err, quantile))
             return value if math.isfinite(value) else math.inf
 
         dp_index = _dynamic_programme(drift, cand, teacher_states, preds, n)
-        starts = {"dp": cand[dp_index]}
-        for spacing in _START_SPACINGS:
-            try:
-                starts[spacing] = timesteps(schedule, n, spacing, t_start=start, t_end=end)
-            except ValueError:  # e.g. "power" with negative times
-                continue
+        starts = {"dp": cand[dp_index], **_standard_grids(schedule, n, start, end)}
         for name, grid in starts.items():
             info.objectives[name] = objective(grid) if grid.numel() == n + 1 else math.inf
         info.start = min(info.objectives, key=lambda k: (info.objectives[k], k != "dp"))
@@ -213,6 +222,30 @@ def _candidates(schedule, m: int, start: float, end: float) -> Tensor:
         union = union[keep]
     union[0], union[-1] = start, end
     return union
+
+
+def _standard_grids(schedule, n: int, start: float, end: float) -> dict[str, Tensor]:
+    """The starting grids: ``(1 - w) * power_p + w * logsnr`` (times mixed point by point, so still decreasing
+    with the same ends) for ``p`` in :data:`_POWERS` and ``w`` in :data:`_MIXES`, and the ``"karras"`` and
+    ``"uniform"`` spacings."""
+    grids = {}
+    try:
+        log_grid = timesteps(schedule, n, "logsnr", t_start=start, t_end=end)
+    except ValueError:
+        log_grid = None
+    for p in _POWERS:
+        try:
+            power_grid = timesteps(schedule, n, "power", t_start=start, t_end=end, power=p)
+        except ValueError:  # negative times
+            break
+        for w in _MIXES if log_grid is not None and log_grid.numel() == n + 1 else (0.0,):
+            grid = power_grid if w == 0.0 else (1.0 - w) * power_grid + w * log_grid
+            grids[f"power {p:g}" + (f" + {w:g} logsnr" if w else "")] = grid
+    if log_grid is not None:
+        grids["logsnr"] = log_grid
+    for spacing in ("karras", "uniform"):
+        grids[spacing] = timesteps(schedule, n, spacing, t_start=start, t_end=end)
+    return {name: grid for name, grid in grids.items() if grid.numel() == n + 1}
 
 
 def _refine(cand: Tensor, k: int) -> Tensor:
