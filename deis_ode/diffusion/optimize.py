@@ -37,7 +37,8 @@ and 0.9 there. The dynamic programme's grid rarely wins the start selection for 
 favours the grid of a first-order method), except on the EDM members, where it beats every standard spacing.
 
 Cost: ``candidates * teacher_substeps`` teacher steps plus ``candidates`` predictions (about 600 model calls on
-the batch by default: 480 steps, 121 predictions), then about ``16 + 2 * refine_sweeps * (n - 1)`` solves of ``n`` steps.
+the batch by default: 480 steps, 121 predictions), then at most ``17 + 2 * refine_sweeps * (n - 1)`` solves of
+``n`` steps.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ def optimize_timesteps(
     Raises:
         TypeError: if ``drift`` is not a :class:`~deis_ode.diffusion.DiffusionODE` or ``x`` not a floating tensor.
         ValueError: for ``n < 1``, ``candidates < n``, ``teacher_substeps < 1``, ``refine_sweeps < 0``, a
-            ``quantile`` outside ``[0, 1]``, ends outside the schedule's time range or not decreasing, an empty or non-finite batch, or a model that rejects
-            the batch's shape (the model's own message is included).
+            ``quantile`` outside ``[0, 1]``, ends outside the schedule's time range or not decreasing, an empty or
+            non-finite batch, or a model that rejects the batch's shape (the model's own message is included).
     """
     began = time.perf_counter()
     if not isinstance(drift, DiffusionODE):
