@@ -463,6 +463,40 @@ def sweep(problems: list[Problem], nfes: list[int], quick: bool) -> None:
     for row in fewest:
         show(row)
 
+    # the same ranking on the VP members only, and every spacing of the default solver on the other members
+    vp = [p for p in ranked if p.member.schedule.startswith(("ddpm", "vp", "cosine"))]
+    if vp and len(vp) < len(ranked):
+        print(f"\nranking on the VP members only ({', '.join(p.member.name.split()[0] for p in vp)}):")
+        print(f"{'configuration':<30} {'gm median':>9} {'wrong':>6}" + "".join(f"{'NFE ' + str(n):>16}" for n in nfes))
+        vp_rows = []
+        for config in configs:
+            per = {
+                n: (
+                    math.exp(sum(math.log(table[config][p.member.name, n][0]) for p in vp) / len(vp)),
+                    sum(table[config][p.member.name, n][1] for p in vp),
+                )
+                for n in nfes
+            }
+            gm = math.exp(sum(math.log(per[n][0]) for n in nfes) / len(nfes))
+            vp_rows.append((config, gm, sum(per[n][1] for n in nfes), per))
+        vp_rows.sort(key=lambda r: r[1])
+        for row in vp_rows[:10] + [r for r in vp_rows[10:] if r[0] == default]:
+            (k, split, basis, spacing, lof), gm, wrong, per = row
+            label = f"deis{k} {split:<3} {basis:<6} {spacing:<7} {'lof' if lof else ''}"
+            cells = "".join(f"{per[n][0]:>10.2e} {per[n][1]:>5}" for n in nfes)
+            print(f"{label:<30} {gm:9.2e} {wrong:>6}{cells}" + ("  <- defaults" if row[0] == default else ""))
+        print("fewest wrong-component samples on the VP members:")
+        for row in sorted(vp_rows, key=lambda r: (r[2], r[1]))[:4]:
+            (k, split, basis, spacing, lof), gm, wrong, per = row
+            print(f"  deis{k} {split} {basis} {spacing} {'lof' if lof else ''}: gm median {gm:.2e}, wrong {wrong}")
+    for p in problems:
+        if p in vp:
+            continue
+        print(f"{p.member.name}: deis3 x0 t (the default solver) by spacing, median / wrong at NFE {nfes}:")
+        for spacing in spacings:
+            cells = [table[(3, "x0", "t", spacing, False)][p.member.name, n] for n in nfes]
+            print(f"  {spacing:<8} " + "  ".join("n/a" if c is None else f"{c[0]:.1e} / {c[1]}" for c in cells))
+
 
 if __name__ == "__main__":
     main()
