@@ -98,7 +98,7 @@ def optimize_timesteps(
     options: dict | None = None,
     t_start: float | None = None,
     t_end: float | None = None,
-    candidates: int = 120,
+    candidates: int | None = None,
     quantile: float = 0.75,
     teacher: str = "deis3",
     teacher_options: dict | None = None,
@@ -116,7 +116,8 @@ def optimize_timesteps(
         n: the number of steps (model evaluations for a ``deis*`` method with the lower-order warm-up), ``>= 1``.
         method, options: the solver the grid is for, as given to ``torchdiffeq.odeint``.
         t_start, t_end: the ends; default the schedule's time range. They are the returned grid's ends exactly.
-        candidates: ``M``, the number of candidate steps of the dynamic programme (``>= n``).
+        candidates: ``M``, the number of candidate steps of the dynamic programme (``>= n``; default
+            ``max(120, 6 n)``).
         quantile: the quantile of the per-sample final error that the refinement minimises (module docstring).
         teacher, teacher_options: the method of the many-step teacher solve and its options (default ``deis3`` in
             the log-rho basis, or in ``t`` where lambda is infinite at an end); ``teacher_substeps`` steps per
@@ -147,7 +148,7 @@ def optimize_timesteps(
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x must be finite")
     n = _check_int(n, "n", 1)
-    candidates = _check_int(candidates, "candidates", n)
+    candidates = _check_int(max(120, 6 * n) if candidates is None else candidates, "candidates", n)
     teacher_substeps = _check_int(teacher_substeps, "teacher_substeps", 1)
     refine_sweeps = _check_int(refine_sweeps, "refine_sweeps", 0)
     schedule = drift.schedule
