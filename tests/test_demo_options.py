@@ -21,7 +21,8 @@ class Terminal(io.StringIO):
 def test_run_demo_callback_and_rows():
     seen = []
     result = run_demo(nfe=10, samples=16, seed=1, disable=True, callback=seen.append)
-    assert [info["i"] for info in seen] == list(range(5))
+    assert [info["i"] for info in seen] == list(range(6))
+    assert result.rows[1].label.startswith("optimised grid: deis3")
     assert [info["label"] for info in seen] == [row.label for row in result.rows]
     for info, row in zip(seen, result.rows, strict=True):
         assert info["x"] is row.samples and info["x"].shape == (16, 8)

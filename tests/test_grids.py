@@ -315,3 +315,12 @@ def test_diffusers_spacing_with_t_end_inside_the_range() -> None:
     assert grid.tolist() == [999.0, 749.0, 499.0, 249.0, 10.0]
     grid = timesteps(VPSchedule.diffusers(), 4, "linspace", t_end=250.0)  # equal to the last timestep: not repeated
     assert grid.tolist() == [999.0, 749.0, 500.0, 250.0]
+
+
+def test_default_spacing_is_power_and_karras_for_edm() -> None:
+    # EDM's time is the noise level itself: its default is Karras' grid (benchmarks/family.py), the others' quadratic
+    edm = EDMSchedule()
+    assert torch.equal(timesteps(edm, 6), timesteps(edm, 6, "karras"))
+    assert not torch.equal(timesteps(edm, 6), timesteps(edm, 6, "power"))
+    vp = VPSchedule.linear()
+    assert torch.equal(timesteps(vp, 6), timesteps(vp, 6, "power"))

@@ -5,6 +5,7 @@ from .drift import VEODE, VPODE, DiffusionODE
 from .grids import SPACINGS, diffusers_timesteps, timesteps
 from .guidance import ClassifierFreeGuidance
 from .mixture import GaussianMixture, GaussianMixtureEps
+from .optimize import OptimizeInfo, optimize_timesteps
 from .predictions import PREDICTION_TYPES, check_prediction, conversion_coefficients, to_eps, to_x0
 from .schedules import (
     CosineVPSchedule,
@@ -34,6 +35,7 @@ __all__ = [
     "GaussianMixtureEps",
     "LinearVPSchedule",
     "NoiseSchedule",
+    "OptimizeInfo",
     "ReverseDiffusionSDE",
     "VEODE",
     "VESchedule",
@@ -43,6 +45,7 @@ __all__ = [
     "check_prediction",
     "conversion_coefficients",
     "diffusion_squared",
+    "optimize_timesteps",
     "diffusers_timesteps",
     "dynamic_threshold",
     "static_threshold",

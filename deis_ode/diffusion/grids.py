@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .schedules import NoiseSchedule, as_float64
+from .schedules import EDMSchedule, NoiseSchedule, as_float64
 
 __all__ = ["DIFFUSERS_SPACINGS", "SIGMA_RAMPS", "SPACINGS", "diffusers_timesteps", "sigma_ramp", "timesteps"]
 
@@ -77,8 +77,10 @@ def timesteps(
         schedule: the :class:`~deis_ode.diffusion.NoiseSchedule`; times are in its own time.
         n: the number of steps (``>= 1``). May be omitted with ``times`` or ``sigmas``; if given, it must equal
             their length minus one.
-        spacing: one of :data:`SPACINGS` (see the module docstring); default ``"power"``. Not allowed together with
-            ``times`` or ``sigmas``.
+        spacing: one of :data:`SPACINGS` (see the module docstring); default ``"power"``, and ``"karras"`` for an
+            :class:`~deis_ode.diffusion.EDMSchedule` (whose time is the noise level itself, over four decades: the
+            quadratic grid in it gave 0.85 median error at 5 evaluations where ``"karras"`` gave 0.37, in
+            ``benchmarks/family.py``). Not allowed together with ``times`` or ``sigmas``.
         t_start: the first time; default the schedule's largest time.
         t_end: the last time; default the schedule's smallest time (where ``sigma = 0`` if the schedule reaches it).
         power: the exponent ``p > 0`` of the ``"power"`` spacing.
@@ -115,7 +117,7 @@ def timesteps(
         return grid
 
     n = _check_n(n)
-    spacing = "power" if spacing is None else spacing
+    spacing = ("karras" if isinstance(schedule, EDMSchedule) else "power") if spacing is None else spacing
     if spacing not in SPACINGS:
         valid = ", ".join(repr(s) for s in SPACINGS)
         raise ValueError(f"unknown spacing {spacing!r}; valid spacings are {valid}")
