@@ -380,3 +380,19 @@ def test_a_failure_that_a_replay_does_not_reproduce_names_the_window():
     t = torch.linspace(0, 1, 11, dtype=F64)
     with pytest.raises(FloatingPointError, match=r"between grid steps 3 and 6 .*is N deterministic"):
         torchdiffeq.odeint(ode, torch.zeros(20000, dtype=F64), t, method="deis3", options={"warmup": "lower_order"})
+
+
+@pytest.mark.parametrize("spacing,n", [("karras", 240), ("logsnr", 480)])
+def test_tiny_steps_near_the_end_of_a_discrete_schedule_plan_in_the_t_basis(spacing, n):
+    # steps of 1e-3 at t ~ 999 (squaredcos_cap_v2): theta = (tau - t_a) / h is formed without cancellation, so the
+    # quadrature converges; the weights of every update sum to the DDIM weight (the Lagrange basis sums to 1)
+    schedule = VPSchedule.diffusers("squaredcos_cap_v2")
+    form = VPODE(lambda x, t: x, schedule, prediction="eps").exponential_form()
+    grid = timesteps(schedule, n, spacing)
+    multistep.clear_plan_cache()
+    plan = multistep.build_plan(form, "t", grid, 3, "lower_order")
+    for update in plan.updates():
+        _, ddim = step_coefficients(
+            form, "t", grid[update.source], grid[update.target], grid[update.source : update.source + 1]
+        )
+        assert sum(update.weights) == pytest.approx(float(ddim[0]), rel=1e-10, abs=1e-300)

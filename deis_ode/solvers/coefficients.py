@@ -405,8 +405,19 @@ def batched_quadrature_moments(
         flat = tau.reshape(-1)
         lam = form.half_log_snr(flat).reshape(tau.shape)
         kernel = s * form.d_half_log_snr(flat).reshape(tau.shape) * torch.exp(log_m_b[active][owner][:, None] + s * lam)
-        u = flat.reshape(tau.shape) if basis == "t" else basis_values(form, basis, flat).reshape(tau.shape)
-        theta = (u - u_a[active][owner][:, None]) / h[active][owner][:, None]
+        if basis == "t":
+            # theta = (tau - t_a) / h from the node's offset inside its piece: no cancellation between times that are
+            # large compared with the step (t near 999 with steps of 1e-3 would lose 6 digits)
+            start = t_a[active][owner][:, None]
+            offset = torch.where(
+                unit < 0.5,
+                (left[:, None] - start) + width * (unit * unit * (3.0 - 2.0 * unit)),
+                (right[:, None] - start) - width * ((1.0 - unit) ** 2 * (1.0 + 2.0 * unit)),
+            )
+            theta = offset / h[active][owner][:, None]
+        else:
+            u = basis_values(form, basis, flat).reshape(tau.shape)
+            theta = (u - u_a[active][owner][:, None]) / h[active][owner][:, None]
         per_piece = torch.einsum("pq,pqk->pk", w * kernel, theta[..., None] ** powers)
         value = torch.zeros(active.numel(), kmax + 1, dtype=F64).index_add_(0, owner, per_piece)
         value = value * torch.where(t_b[active] > t_a[active], 1.0, -1.0)[:, None]
