@@ -37,7 +37,7 @@ from torch import Tensor
 from torchdiffeq._impl import misc as _td_misc
 from torchdiffeq._impl.misc import _rms_norm
 
-from .forms import DiffusionForm, OperatorForm
+from .forms import OperatorForm
 from .methods import DEISSolver, unwrap
 from .solvers.adaptive import MIN_RTOL_ULPS, AdaptiveStats, Controls, integrate_adaptive
 from .solvers.grid import prepare_grid
@@ -168,15 +168,7 @@ class AdaptiveDEISSolver:
     def integrate(self, t: Tensor) -> Tensor:
         """The states at the output times ``t`` (the solver's increasing time)."""
         t64 = prepare_grid(t, name="t", sign=self.sign).times  # the output times, checked
-        times = self.sign * t64  # the user's time
-        check_grid = getattr(self.ode, "check_grid", None)  # the ODE's own conditions (a diffusion drift's range)
-        if check_grid is not None:
-            check_grid(times)
-        elif isinstance(self.form, DiffusionForm):
-            lo, hi = self.form.time_range
-            bad = (times < lo) | (times > hi)
-            if bool(bad.any()):
-                raise ValueError(f"t = {times[bad][0].item():.8g} is outside the schedule's time range [{lo}, {hi}]")
+        DEISSolver._user_times(self, t64)  # checked against the ODE's own conditions
         self.stats = AdaptiveStats()
         type(self).last_stats = AdaptiveDEISSolver.last_stats = self.stats
         states = integrate_adaptive(

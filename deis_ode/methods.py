@@ -233,15 +233,7 @@ class DEISSolver:
                 return self.grid_constructor(self.func, self.y0, t)
 
         grid = prepare_grid(t, step_size=self.step_size, grid_constructor=constructor, name="t", sign=self.sign)
-        times = self.sign * grid.times  # the user's time
-        check_grid = getattr(self.ode, "check_grid", None)  # the ODE's own conditions (a diffusion drift's range)
-        if check_grid is not None:
-            check_grid(times)
-        elif isinstance(self.form, DiffusionForm):
-            lo, hi = self.form.time_range
-            bad = (times < lo) | (times > hi)
-            if bool(bad.any()):
-                raise ValueError(f"t = {times[bad][0].item():.8g} is outside the schedule's time range [{lo}, {hi}]")
+        times = self._user_times(grid.times)
         real = self.y0.real.dtype if self.y0.is_complex() else self.y0.dtype
         t_state = times.to(device=self.y0.device, dtype=real)
         on_step = self._on_step(grid.times, t_state)
@@ -253,6 +245,20 @@ class DEISSolver:
             if self._bar is not None:
                 self._bar.close()
         return out if out is not None else torch.stack(states)
+
+    def _user_times(self, solver_times: Tensor) -> Tensor:
+        """The grid in the user's time (torchdiffeq negates a decreasing ``t``), checked against the ODE's own
+        conditions (a diffusion drift's time range and split)."""
+        times = self.sign * solver_times
+        check_grid = getattr(self.ode, "check_grid", None)
+        if check_grid is not None:
+            check_grid(times)
+        elif isinstance(self.form, DiffusionForm):
+            lo, hi = self.form.time_range
+            bad = (times < lo) | (times > hi)
+            if bool(bad.any()):
+                raise ValueError(f"t = {times[bad][0].item():.8g} is outside the schedule's time range [{lo}, {hi}]")
+        return times
 
     def _on_step(self, grid: Tensor, t_state: Tensor) -> Any:
         """``on_step(n, x_n)`` for the loop: torchdiffeq's ``callback_step`` (solver time, state, step), the option

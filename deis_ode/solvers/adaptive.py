@@ -62,7 +62,7 @@ from torchdiffeq._impl.misc import _rms_norm
 
 from ..forms import ExponentialForm, LinearForm
 from .coefficients import step_coefficients
-from .multistep import FUSED_MAX_ELEMENTS
+from .multistep import FUSED_MAX_ELEMENTS, place_coefficient
 from .phi import phi_functions_host
 
 F64 = torch.float64
@@ -232,22 +232,6 @@ class DiagonalCoefficients:
         return pair
 
 
-def _to_state(value: Tensor, like: Tensor):
-    """A float64/complex128 coefficient on the state's device and dtype (a Python number when 0-dim)."""
-    if value.is_complex() and not like.is_complex():
-        if bool((value.imag != 0).any()):
-            raise ValueError(
-                "the linear part is complex but the state is real: the solution would be complex; "
-                "pass a complex initial state"
-            )
-        value = value.real
-    if value.dim() == 0:
-        return value.item()
-    if like.is_complex() and not value.is_complex():
-        return value.to(device=like.device, dtype=like.real.dtype)
-    return value.to(device=like.device, dtype=like.dtype)
-
-
 class GeneralCoefficients:
     """Per-step coefficients of any form through :func:`step_coefficients` (two calls per step: ``k`` and ``k - 1``
     nodes)."""
@@ -267,8 +251,8 @@ class GeneralCoefficients:
         _, corrector = self._coefficients(s_a, s_b, [s_b, *nodes])
         corrector = corrector.clone()
         corrector[1:] -= predictor
-        first = [_to_state(transition, self.like), *(_to_state(c, self.like) for c in predictor.unbind(0))]
-        return first, [_to_state(c, self.like) for c in corrector.unbind(0)]
+        first = [place_coefficient(c, self.like) for c in (transition, *predictor.unbind(0))]
+        return first, [place_coefficient(c, self.like) for c in corrector.unbind(0)]
 
 
 def ladder(h: float) -> float:

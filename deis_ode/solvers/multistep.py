@@ -346,7 +346,7 @@ def _not_finite(times: Tensor, source: int, target: int) -> None:
 # --- placement ----------------------------------------------------------------------------------------------------
 
 
-def _place(value, like: Tensor):
+def place_coefficient(value, like: Tensor):
     """A float64 coefficient on the state's device and dtype (a Python number when it is a plain scalar,
     which costs no kernel and no transfer)."""
     if not isinstance(value, Tensor):
@@ -383,7 +383,7 @@ def place_updates(updates: Iterable[Update], like: Tensor) -> list[Update]:
     def place(value):
         key = id(value)
         if key not in placed:
-            placed[key] = (_place(value, like), value)  # keep value alive so that its id stays unique
+            placed[key] = (place_coefficient(value, like), value)  # keep value alive so that its id stays unique
         return placed[key][0]
 
     out = []
