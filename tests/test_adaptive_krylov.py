@@ -58,7 +58,7 @@ CASES = [(k, r) for k in (2, 3, 4, 5) for r in (1e-4, 1e-6, 1e-8) if not (k == 2
 
 @pytest.mark.parametrize(("order", "rtol"), CASES)
 def test_sparse_agrees_with_scipy_and_the_dense_path(order: int, rtol: float, ref: torch.Tensor) -> None:
-    """Measured: errors 0.18 .. 0.43 rtol, sparse vs dense 2e-11 .. 2e-10 (at most 0.02 rtol)."""
+    """Measured: errors 0.04 .. 0.40 rtol at both outputs; sparse vs dense at most 0.002 rtol."""
     t = torch.tensor(TIMES, dtype=F64)
     sparse_ode = SemiLinearODE(laplacian(), fisher)
     out = torchdiffeq.odeint(sparse_ode, initial(), t, method=f"adaptive_deis{order}", rtol=rtol, atol=rtol)
@@ -69,7 +69,7 @@ def test_sparse_agrees_with_scipy_and_the_dense_path(order: int, rtol: float, re
         dense = SemiLinearODE(laplacian().to_dense(), fisher, matrix=True)
         out_dense = torchdiffeq.odeint(dense, initial(), t, method=f"adaptive_deis{order}", rtol=rtol, atol=rtol)
         for i in (1, 2):
-            assert rel(out[i], out_dense[i]) < 0.1 * rtol
+            assert rel(out[i], out_dense[i]) < 0.02 * rtol
     krylov = sparse_ode.krylov_stats
     assert krylov.calls == 2 * (stats.accepted + stats.rejected)  # one predictor and one estimate product per step
     assert krylov.matvecs > krylov.calls and 1 <= krylov.max_dim <= 64
@@ -128,7 +128,8 @@ def test_batched_state_and_backward_time() -> None:
 def test_float32_state(ref: torch.Tensor) -> None:
     a = laplacian()
     t = torch.tensor(TIMES, dtype=F64)
-    ode = SemiLinearODE(torch.sparse_coo_tensor(a.indices(), a.values().float(), a.shape), fisher)
+    sparse32 = torch.sparse_coo_tensor(a.indices(), a.values().float(), a.shape, check_invariants=True)
+    ode = SemiLinearODE(sparse32, fisher)
     out = torchdiffeq.odeint(ode, initial().float(), t.float(), method="adaptive_deis4", rtol=1e-5, atol=1e-5)
     assert out.dtype == torch.float32
     assert rel(out[-1].double(), ref[-1]) < 2e-5
