@@ -204,6 +204,12 @@ class AdaptiveDEISSolver:
         type(self).last_stats = AdaptiveDEISSolver.last_stats = self.stats
         krylov = None
         if isinstance(self.form, OperatorForm):
+            if torch.is_grad_enabled() and self.y0.requires_grad:  # phiv refuses it too; say so before the first step
+                raise NotImplementedError(
+                    f"method {self.method!r}: gradients through the Krylov phi-products of a sparse or operator linear "
+                    "part are not supported: run the solve under torch.no_grad(), or use torchdiffeq.odeint_adjoint "
+                    "with a general adjoint_method"
+                )
             tol, max_dim = self.krylov_options
             tol = krylov_tolerance(self.y0.dtype, self.controls.rtol, tol)
             krylov = OperatorSteps(self.form.operator, tol, max_dim)

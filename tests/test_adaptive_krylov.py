@@ -186,3 +186,45 @@ def test_bad_krylov_options_and_failures() -> None:
 
     with pytest.raises(FloatingPointError, match=r"NaN or inf at t = 0\.4|NaN or inf at t = 0\.5"):
         torchdiffeq.odeint(SemiLinearODE(laplacian(10), nan_after), x0, t, method="adaptive_deis3")
+
+
+def test_complex_state_matches_the_dense_path_and_gradients_are_refused() -> None:
+    a = laplacian(20, coef=0.005)
+
+    def schrodinger_like(t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return 1j * u - 0.1 * u * u.abs() ** 2
+
+    x0 = (initial(20) * (1 + 0.5j)).to(torch.complex128)
+    t = torch.tensor([0.0, 0.5], dtype=F64)
+    out = torchdiffeq.odeint(SemiLinearODE(a, schrodinger_like), x0, t, method="adaptive_deis4", rtol=1e-8, atol=1e-8)
+    dense = SemiLinearODE(a.to_dense().to(torch.complex128), schrodinger_like, matrix=True)
+    out_dense = torchdiffeq.odeint(dense, x0, t, method="adaptive_deis4", rtol=1e-8, atol=1e-8)
+    assert out.dtype == torch.complex128
+    assert rel(out[-1], out_dense[-1]) < 1e-9
+    with pytest.raises(NotImplementedError, match="gradients through the Krylov phi-products"):
+        x0 = initial(20).requires_grad_()
+        torchdiffeq.odeint(SemiLinearODE(a, fisher), x0, t, method="adaptive_deis3")
+
+
+def test_adjoint_gradients_match_dopri5() -> None:
+    """``odeint_adjoint`` runs its forward pass without autograd, so the Krylov products serve it; its gradient
+    matches dopri5's direct backpropagation (measured 3.5e-9)."""
+    ode = SemiLinearODE(laplacian(20, coef=0.005), fisher)
+    t = torch.tensor([0.0, 0.3], dtype=F64)
+    x0 = initial(20).requires_grad_()
+    out = torchdiffeq.odeint_adjoint(
+        ode,
+        x0,
+        t,
+        method="adaptive_deis3",
+        rtol=1e-8,
+        atol=1e-8,
+        adjoint_method="dopri5",
+        adjoint_rtol=1e-10,
+        adjoint_atol=1e-10,
+        adjoint_params=(),
+    )
+    out[-1].sum().backward()
+    x1 = initial(20).requires_grad_()
+    torchdiffeq.odeint(ode, x1, t, method="dopri5", rtol=1e-10, atol=1e-10)[-1].sum().backward()
+    assert rel(x0.grad, x1.grad) < 1e-7
