@@ -4,6 +4,7 @@ reaction-diffusion problem (``examples/reaction_diffusion_fd.py``, 128 x 128 int
     python benchmarks/sparse.py --out benchmarks/results/sparse.txt
     python benchmarks/sparse.py --quick          # 48 x 48 points, fewer settings (under a minute)
     python benchmarks/sparse.py --n 256 --no-check --out benchmarks/results/sparse_256.txt   # d = 65536
+    python benchmarks/sparse.py --adaptive --no-check --out benchmarks/results/sparse_adaptive.txt
 
 Methods:
 
@@ -14,7 +15,10 @@ Methods:
 * scipy ``solve_ivp`` ``BDF`` and ``Radau`` given the exact sparse Jacobian ``A + diag(N'(u))`` (a callable returning
   a scipy sparse matrix, so their linear algebra is sparse LU), and ``RK45``: ``rtol`` from 1e-3 down,
   ``atol = rtol * rms(u0)``; the right-hand side ``A u + N(u)`` in numpy/scipy.sparse;
-* torchdiffeq ``dopri5`` on the same ``SemiLinearODE`` (its ``forward`` applies the torch sparse matrix).
+* torchdiffeq ``dopri5`` on the same ``SemiLinearODE`` (its ``forward`` applies the torch sparse matrix);
+* with ``--adaptive``: the error-controlled ``adaptive_deis3`` .. ``adaptive_deis5`` (two Krylov products per
+  attempted step, the Krylov tolerance ``min(1e-10, 0.01 rtol)``), ``rtol`` from 1e-3 down, ``atol = rtol * rms(u0)``,
+  beside deis4, deis5 and BDF only (the other families are left out of that run).
 
 Times are process CPU time (``time.process_time``) with one thread, the best of up to three runs; a run is capped
 (``--cap``, 60 s) and reported as "> cap". The error is the relative 2-norm error at the final time against a
@@ -126,6 +130,39 @@ def run_deis(
     return Point(label, f"M={steps}", count[0], seconds, rel(u.numpy(), ref), extra)
 
 
+def run_adaptive(problem: rd.FDProblem, method: str, rtol: float, ref: np.ndarray, repeats: int, cap: float) -> Point:
+    count = [0]
+    nonlinear = problem.ode.nonlinear
+    deadline = [0.0]
+    atol = rtol * float(problem.x0.pow(2).mean().sqrt())
+    t = torch.tensor([0.0, problem.t_end], dtype=torch.float64)
+
+    def counted(tt, u):
+        count[0] += 1
+        if time.perf_counter() > deadline[0]:
+            raise OverBudget
+        return nonlinear(tt, u)
+
+    def solve():
+        count[0] = 0
+        deadline[0] = time.perf_counter() + cap
+        return torchdiffeq.odeint(problem.ode, problem.x0, t, method=method, rtol=rtol, atol=atol)[-1]
+
+    problem.ode.nonlinear = counted
+    try:
+        seconds, u = timed(solve, repeats)
+    except OverBudget:
+        return Point(method, f"rtol={rtol:.0e}", count[0], cap, math.nan, "capped")
+    finally:
+        problem.ode.nonlinear = nonlinear
+    s, steps = problem.ode.krylov_stats, deis_ode.adaptive.AdaptiveDEISSolver.last_stats
+    extra = (
+        f"{steps.accepted} accepted, {steps.rejected} rejected; Krylov dim mean {s.mean_dim:.1f} max {s.max_dim}, "
+        f"substeps/product max {s.max_substeps}, A-apps {s.matvecs}"
+    )
+    return Point(method, f"rtol={rtol:.0e}", count[0], seconds, rel(u.numpy(), ref), extra)
+
+
 def run_scipy(problem: rd.FDProblem, method: str, rtol: float, ref: np.ndarray, repeats: int, cap: float) -> Point:
     y0 = problem.x0.numpy()
     atol = rtol * float(np.sqrt(np.mean(y0**2)))
@@ -221,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=float, default=60.0)
     parser.add_argument("--out", help="also write the report to this file")
     parser.add_argument("--no-check", action="store_true", help="skip the reference's check against scipy Radau")
+    parser.add_argument(
+        "--adaptive", action="store_true", help="adaptive_deis3..5 beside deis4, deis5 and BDF only (see the docstring)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lines: list[str] = []
@@ -266,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             f"check: scipy Radau (exact sparse J, rtol 1e-10, {sol.nfev} evaluations, {CLOCK() - start:.1f} s) "
             f"differs from the reference by {rel(sol.y[:, -1], ref):.1e}"
         )
-    if not args.quick:
+    if not args.quick and not args.adaptive:
         observed_orders(say)
     families: dict[str, list[Point]] = {}
 
@@ -290,24 +330,38 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.quick:
         deis = {k: v[:3] for k, v in deis.items()}
+    rtols = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9]
+    if args.adaptive:
+        for method in ("deis4", "deis5"):
+            sweep(method, deis[method], lambda m, method=method: run_deis(problem, method, m, ref, repeats, cap))
+        for k in (3, 4, 5):
+            method = f"adaptive_deis{k}"
+            sweep(method, rtols[:6], lambda r, method=method: run_adaptive(problem, method, r, ref, repeats, cap))
+        sweep("BDF", rtols, lambda r: run_scipy(problem, "BDF", r, ref, repeats, cap))
+        report(say, families, args.out, lines)
+        return 0
     for method, steps in deis.items():
         sweep(method, steps, lambda m, method=method: run_deis(problem, method, m, ref, repeats, cap))
     sweep("deis4 tol", deis["deis4"], lambda m: run_deis(problem, "deis4", m, ref, repeats, cap, krylov_tol=1e-8))
     uniform = [40, 80, 160, 320, 640]
     sweep("deis4 uniform", uniform, lambda m: run_deis(problem, "deis4", m, ref, repeats, cap, grading=1))
-    rtols = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9]
     for method in ("BDF", "Radau"):
         sweep(method, rtols, lambda r, method=method: run_scipy(problem, method, r, ref, repeats, cap))
     sweep("RK45", [1e-4, 1e-6, 1e-8], lambda r: run_scipy(problem, "RK45", r, ref, 1, cap))
     sweep("dopri5", [1e-4, 1e-6, 1e-8], lambda r: run_dopri5(problem, r, ref, cap))
+    report(say, families, args.out, lines)
+    return 0
+
+
+def report(say: Callable[[str], None], families: dict[str, list[Point]], out: str | None, lines: list[str]) -> None:
+    """The time and evaluations to each target, per family; the whole report to ``out`` when given."""
     say()
     say(f"  {'method':34s} " + " ".join(f"{'time to ' + f'{t:.0e}':>14s} {'evals':>7s}" for t in TARGETS))
     for family, points in families.items():
         cells = [to_target(points, t) for t in TARGETS]
         say(f"  {family:34s} " + " ".join(f"{c[0]:>14s} {c[1]:>7s}" for c in cells))
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
-    return 0
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ Options (torchdiffeq's names; anything else raises ``ValueError``):
 * ``safety`` (0.9), ``ifactor`` (5: largest growth of the step once the method extrapolates; steps with one
   node may grow up to 100x), ``dfactor`` (0.2: largest shrink);
 * ``norm``: ``tensor -> scalar`` applied to the scaled error (default torchdiffeq's RMS norm);
-* ``basis``: the interpolation variable (``"t"``, and for diffusion drifts ``"rho"`` / ``"logrho"``).
+* ``basis``: the interpolation variable (``"t"``, and for diffusion drifts ``"rho"`` / ``"logrho"``);
+* ``krylov_tol``, ``krylov_max_dim``: for sparse or matrix-free linear parts only (:mod:`deis_ode.linear`), whose
+  steps are two Krylov phi-products each (:mod:`deis_ode.solvers.adaptive_krylov`): the Krylov tolerance (default
+  ``min(1e-10, 0.01 rtol)`` for float64 states, ``min(1e-7, 0.01 rtol)`` otherwise, so that the products' errors
+  stay 100x below the error control's; a given value is used as it is) and largest dimension (default 64). The
+  counters of the products are left in ``ode.krylov_stats`` (:class:`~deis_ode.linear.KrylovStats`).
 
 ``rtol`` and ``atol`` must be positive and finite (Python numbers or tensors broadcastable to the state). A float32
 (or lower precision) state cannot resolve errors near its round-off: ``rtol`` below 8 units of round-off of the
@@ -40,9 +45,21 @@ from torchdiffeq._impl.misc import _rms_norm
 from .forms import OperatorForm
 from .methods import DEISSolver, unwrap
 from .solvers.adaptive import MIN_RTOL_ULPS, AdaptiveStats, Controls, integrate_adaptive
+from .solvers.adaptive_krylov import OperatorSteps, check_krylov_options, krylov_tolerance
 from .solvers.grid import prepare_grid
+from .solvers.krylov_multistep import MAX_DIM
 
-_OPTIONS = ("first_step", "max_num_steps", "safety", "ifactor", "dfactor", "norm", "basis")
+_OPTIONS = (
+    "first_step",
+    "max_num_steps",
+    "safety",
+    "ifactor",
+    "dfactor",
+    "norm",
+    "basis",
+    "krylov_tol",
+    "krylov_max_dim",
+)
 
 
 def _positive_number(name: str, value: Any) -> float:
@@ -96,6 +113,8 @@ class AdaptiveDEISSolver:
         ifactor: float = 5.0,
         dfactor: float = 0.2,
         basis: str | None = None,
+        krylov_tol: float | None = None,
+        krylov_max_dim: int | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs:
@@ -113,12 +132,16 @@ class AdaptiveDEISSolver:
                 f"option basis must be one of {list(self.form.bases)} for {type(self.ode).__name__}, got {basis!r}"
             )
         self.y0 = y0
+        given = {k: v for k, v in (("krylov_tol", krylov_tol), ("krylov_max_dim", krylov_max_dim)) if v is not None}
         if isinstance(self.form, OperatorForm):
+            check_krylov_options(krylov_tol, MAX_DIM if krylov_max_dim is None else krylov_max_dim)
+        elif given:
             raise ValueError(
-                f"method {self.method!r} does not support sparse or operator linear parts yet: use the fixed-step "
-                "deis1..deis5 (Krylov phi-products, deis_ode.linear)"
+                f"method {self.method!r}: options {sorted(given)} need a sparse or operator linear part "
+                "(deis_ode.linear)"
             )
-        DEISSolver._check_linear_shape(self)  # the same shape checks as deisK
+        self.krylov_options = (krylov_tol, MAX_DIM if krylov_max_dim is None else krylov_max_dim)
+        DEISSolver._check_linear_shape(self)  # the same shape checks as deisK (check_operator for an operator)
         rtol = _tolerance("rtol", rtol, y0)
         atol = _tolerance("atol", atol, y0)
         real = y0.real.dtype if y0.is_complex() else y0.dtype
@@ -171,19 +194,35 @@ class AdaptiveDEISSolver:
         DEISSolver._user_times(self, t64)  # checked against the ODE's own conditions
         self.stats = AdaptiveStats()
         type(self).last_stats = AdaptiveDEISSolver.last_stats = self.stats
-        states = integrate_adaptive(
-            self.form,
-            self.basis,
-            self.ode.nonlinear_part,
-            self.y0,
-            t64.tolist(),
-            self.sign,
-            self.order,
-            self.controls,
-            self.stats,
-            self._callbacks(),
-            self.ode.weight_part,
-        )
+        krylov = None
+        if isinstance(self.form, OperatorForm):
+            if torch.is_grad_enabled() and self.y0.requires_grad:  # phiv refuses it too; say so before the first step
+                raise NotImplementedError(
+                    f"method {self.method!r}: gradients through the Krylov phi-products of a sparse or operator linear "
+                    "part are not supported: run the solve under torch.no_grad(), or use torchdiffeq.odeint_adjoint "
+                    "with a general adjoint_method"
+                )
+            tol, max_dim = self.krylov_options
+            tol = krylov_tolerance(self.y0.dtype, self.controls.rtol, tol)
+            krylov = OperatorSteps(self.form.operator, tol, max_dim)
+        try:
+            states = integrate_adaptive(
+                self.form,
+                self.basis,
+                self.ode.nonlinear_part,
+                self.y0,
+                t64.tolist(),
+                self.sign,
+                self.order,
+                self.controls,
+                self.stats,
+                self._callbacks(),
+                self.ode.weight_part,
+                krylov,
+            )
+        finally:
+            if krylov is not None:  # the counters of the products, also after a failure
+                self.ode.krylov_stats = krylov.stats
         return torch.stack([self.y0, *states])
 
     def integrate_until_event(self, t0: Tensor, event_fn: Any) -> Any:

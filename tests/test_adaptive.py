@@ -310,11 +310,19 @@ def test_time_dependent_linear_part_and_weight():
     assert float(relative(out, ref)[-1]) < 1e-5
 
 
-def test_operator_linear_parts_are_refused_with_a_pointer_to_the_fixed_step_methods():
+def test_operator_linear_parts_run_by_krylov_products_and_match_the_dense_matrix():
+    """Sparse and matrix-free linear parts take two Krylov products per step (tests/test_adaptive_krylov.py has
+    the rest); here the sparse path against the same matrix dense (``matrix=True``)."""
     d = 6
     lap = torch.diag(torch.full((d,), -2.0, dtype=torch.float64)) + torch.diag(
         torch.ones(d - 1, dtype=torch.float64), 1
     )
-    ode = deis_ode.SemiLinearODE(lap.to_sparse(), lambda t, x: torch.sin(x))
-    with pytest.raises(ValueError, match="does not support sparse or operator linear parts"):
-        torchdiffeq.odeint(ode, torch.ones(d, dtype=torch.float64), torch.tensor([0.0, 1.0]), method="adaptive_deis3")
+    x0, t = torch.linspace(-1.0, 1.0, d, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    sparse = deis_ode.SemiLinearODE(lap.to_sparse(), lambda t, x: torch.sin(x))
+    dense = deis_ode.SemiLinearODE(lap, lambda t, x: torch.sin(x), matrix=True)
+    out = torchdiffeq.odeint(sparse, x0, t, method="adaptive_deis3", rtol=1e-8, atol=1e-8)
+    out_dense = torchdiffeq.odeint(dense, x0, t, method="adaptive_deis3", rtol=1e-8, atol=1e-8)
+    assert float(relative(out, out_dense)[-1]) < 1e-9
+    assert sparse.krylov_stats.calls == 2 * (
+        AdaptiveDEISSolver.last_stats.accepted + AdaptiveDEISSolver.last_stats.rejected
+    )

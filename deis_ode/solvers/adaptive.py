@@ -45,7 +45,8 @@ Coefficients: for a constant diagonal ``L``, ``W = 1`` and the basis ``t`` they 
 float64, from :func:`~deis_ode.solvers.phi.phi_functions_host` and a small Vandermonde solve for the Lagrange
 weights, on the distinct values of ``L`` only (a Fourier symbol repeats most of its values); every other form goes
 through :func:`~deis_ode.solvers.coefficients.step_coefficients` (dense matrices, time-dependent ``L``, weights,
-diffusion drifts).
+diffusion drifts). A sparse or matrix-free operator ``A`` forms none: its predictor and estimate are two Krylov
+products per step (:mod:`deis_ode.solvers.adaptive_krylov`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ import torch
 from torch import Tensor
 from torchdiffeq._impl.misc import _rms_norm
 
-from ..forms import ExponentialForm, LinearForm
+from ..forms import ExponentialForm, LinearForm, OperatorForm
+from ..linear.krylov import KrylovError
+from .adaptive_krylov import OperatorSteps, krylov_tolerance
 from .coefficients import step_coefficients
 from .multistep import FUSED_MAX_ELEMENTS, place_coefficient
 from .phi import phi_functions_host
@@ -282,15 +285,19 @@ def integrate_adaptive(
     stats: AdaptiveStats,
     callbacks: dict[str, Callable] | None = None,
     weight: Callable[[Tensor], float | Tensor] | None = None,
+    krylov: OperatorSteps | None = None,
 ) -> list[Tensor]:
     """Integrate from ``outputs[0]`` through every later output time (the solver's increasing time ``tau``; the
     user's time is ``sign * tau``) with the ``order``-node method under error control; return the states at
     ``outputs[1:]``. ``callbacks`` (torchdiffeq's ``callback_step``, ``callback_accept_step``,
     ``callback_reject_step``) receive the solver's time and step, as torchdiffeq's own solvers pass them; ``weight``
-    is ``W(t)``, used by the first guess of the step.
+    is ``W(t)``, used by the first guess of the step. For an :class:`~deis_ode.forms.OperatorForm`, ``krylov``
+    applies the steps by Krylov products (:mod:`deis_ode.solvers.adaptive_krylov`; default: its tolerance rule and
+    largest dimension) and accumulates their counters.
 
     Raises:
         FloatingPointError: ``N`` returned NaN or inf (names the time).
+        KrylovError: a Krylov product of an operator form did not converge (names the time).
         RuntimeError: the step underflowed, or ``max_num_steps`` attempted steps did not reach the last output
             (both name the time reached).
     """
@@ -308,7 +315,11 @@ def integrate_adaptive(
     )
     small = x0.numel() <= FUSED_MAX_ELEMENTS
     diagonal = DiagonalCoefficients(lin, x0, large=not small) if fast else None
-    general = None if fast else GeneralCoefficients(form, basis, x0)
+    if isinstance(form, OperatorForm) and krylov is None:
+        krylov = OperatorSteps(form.operator, krylov_tolerance(x0.dtype, controls.rtol, None))
+    elif not isinstance(form, OperatorForm):
+        krylov = None
+    general = None if (fast or krylov is not None) else GeneralCoefficients(form, basis, x0)
     matrix = bool(getattr(form, "matrix", False))
 
     def user(tau: float) -> float:
@@ -425,7 +436,22 @@ def integrate_adaptive(
             p = min(order - 1, len(times))  # past nodes of the predictor
             tau_new = tau + step
             history = [values[-1 - j] for j in range(p)]
-            if general is not None:
+            if krylov is not None:
+                # a sparse or matrix-free A: one Krylov product for the predictor, one for the estimate
+                h_user = user(tau_new) - user(tau)
+                mix_p, mix_d = krylov.mixes(h_user, [user(times[-1 - j]) for j in range(p)])
+                n_new = None
+                try:
+                    x_pred = krylov.predict(h_user, x, history, mix_p, user(tau))
+                    n_new = evaluate(tau_new, x_pred)
+                    est = krylov.estimate(h_user, n_new, history, mix_d, user(tau))
+                except KrylovError:
+                    check_finite(tau, values[-1])  # a NaN in N shows as a Krylov failure: name the real cause
+                    if n_new is not None:
+                        check_finite(tau_new, n_new)
+                    raise
+                x_new = x_pred + est
+            elif general is not None:
                 nodes = [user(times[-1 - j]) for j in range(p)]
                 predictor, difference = general.step(user(tau), user(tau_new), nodes)
                 x_pred = _combine(predictor, [x, *history], matrix)
