@@ -297,10 +297,13 @@ class DEISSolver:
 
         return on_step
 
-    def _nonlinear(self, times: Tensor) -> tuple[Any, np.ndarray | None, list[float] | None]:
-        """``(nonlinear, node_scale, shift)`` for the loop: a diffusion drift without thresholding hands the loop its
-        raw model output and the affine conversion to ``N`` (folded into the coefficients, see
-        :meth:`~deis_ode.diffusion.DiffusionODE.output_conversion`); any other ODE its ``nonlinear_part``."""
+    def _nonlinear(self, times: Tensor) -> tuple[Any, np.ndarray | None, list[float] | None, str | None]:
+        """``(nonlinear, node_scale, shift, kind)`` for the loop: a diffusion drift without thresholding hands the
+        loop its model (called as ``model(x, t)``; the loop checks the output's shape) and the affine conversion of its
+        output to ``N`` (folded into the coefficients, see
+        :meth:`~deis_ode.diffusion.DiffusionODE.output_conversion`); any other ODE its ``nonlinear_part``. ``kind``
+        is the prediction that ``nonlinear`` returns (for the callback's data prediction), ``None`` outside
+        diffusion."""
         conversion = getattr(self.ode, "output_conversion", None)
         if conversion is not None:
             folded = conversion(times[:-1])  # N is evaluated at every grid point but the last
@@ -310,8 +313,13 @@ class DEISSolver:
                 if bool((scale == 1.0).all()):
                     node_scale = None
                 shift_list = None if bool((shift == 0.0).all()) else shift.tolist()
-                return self.ode.model_output, node_scale, shift_list
-        return self.ode.nonlinear_part, None, None
+                model = self.ode.model
+
+                def output(t: Tensor, x: Tensor) -> Tensor:
+                    return model(x, t)  # t: a 0-dim tensor of the state's dtype on its device, as the drift documents
+
+                return output, node_scale, shift_list, self.ode.prediction
+        return self.ode.nonlinear_part, None, None, self.ode_kind()
 
     def _solve(
         self, times: Tensor, t_state: Tensor, outputs: list[int], on_step: Any, out: Tensor | None = None
@@ -330,8 +338,7 @@ class DEISSolver:
                 for row, state in zip(out.unbind(0), states, strict=True):
                     row.copy_(state)
             return states
-        nonlinear, node_scale, shift = self._nonlinear(times)
-        kind = self.ode.prediction if nonlinear == getattr(self.ode, "model_output", None) else self.ode_kind()
+        nonlinear, node_scale, shift, kind = self._nonlinear(times)
         grid, nonlinear = self._reporting(t_state, nonlinear, kind)
         plan = build_plan(self.form, self.basis, times, self.order, self.warmup, self.lower_order_final, node_scale)
         placed = place_plan(plan, self.y0)

@@ -581,8 +581,11 @@ def run_plan(
 
     def evaluate(i: int, x: Tensor, record: bool = True) -> None:
         out = nonlinear(grid[i], x)
-        if out.shape != shape:
-            raise ValueError(f"N(t, x) returned shape {tuple(out.shape)}; expected the state's shape {tuple(shape)}")
+        if not isinstance(out, Tensor) or out.shape != shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"the model (or N(t, x)) returned {got}; expected a tensor of the state's shape {tuple(shape)}"
+            )
         if out.dtype != dtype:
             out = out.to(dtype)
         if shift is not None and shift[i] != 0.0:
