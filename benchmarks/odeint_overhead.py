@@ -9,7 +9,9 @@ Three tables, all on one CPU thread:
    row is the mean time per step (faster half of the repeats, the rows interleaved so that load changes hit all alike)
    and its ratio to the *minimal arithmetic* of an order-3 update: ``torch.mul(x, a, out=buf)`` and one
    ``torch.add(buf, N_j, alpha=c_j, out=buf)`` per node into preallocated buffers. Rows: ``odeint`` deis3 with the x0
-   split and with the eps split (only the end state returned), with every state returned, a first solve on a grid
+   split and with the eps split (only the end state returned), with every state returned (beside the minimal
+   arithmetic writing every state into a new result tensor, which pays the same first touch of the result's
+   memory), a first solve on a grid
    never seen before (each call on a new grid, scaled by ``1 - k 1e-9``), deis_ode's ``DEISMultistepScheduler``
    (``solver_order=3``), diffusers' own ``DEISMultistepScheduler`` (``solver_order=3``) and torchdiffeq's ``euler``
    with the same ``grid_constructor``.
@@ -65,6 +67,23 @@ def _minimal(orders: list[int], x0: torch.Tensor, output: torch.Tensor):
             for j in range(k):
                 torch.add(out, history[j], alpha=0.01 * (j + 1), out=out)
             x = out
+
+    return run
+
+
+def _minimal_every_state(orders: list[int], x0: torch.Tensor, output: torch.Tensor):
+    """The minimal arithmetic, each state written into a new ``(steps + 1, *shape)`` result (what returning every
+    state costs at least: the result's memory is fresh at every call)."""
+    history = [output.clone() for _ in range(max(orders))]
+
+    def run() -> None:
+        result = torch.empty((len(orders) + 1, *x0.shape), dtype=x0.dtype)
+        result[0].copy_(x0)
+        for n, k in enumerate(orders):
+            out = result[n + 1]
+            torch.mul(result[n], 0.99, out=out)
+            for j in range(k):
+                torch.add(out, history[j], alpha=0.01 * (j + 1), out=out)
 
     return run
 
@@ -128,6 +147,7 @@ def overhead(steps: int, repeats: int) -> None:
         "minimal arithmetic (order 3)": _minimal(orders, x0, output),
         "odeint deis3, x0 split, end state": solve(x0_split, ends),
         "odeint deis3, eps split, end state": solve(eps_split, ends),
+        "minimal arithmetic, every state kept": _minimal_every_state(orders, x0, output),
         "odeint deis3, x0 split, every state": solve(x0_split, grid),
         "odeint deis3, x0 split, first solve": first_solve,
         "deis_ode DEISMultistepScheduler": scheduler_loop(DEISMultistepScheduler),
