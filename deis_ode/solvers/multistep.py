@@ -633,6 +633,8 @@ def run_plan(
     if main:
         if on_step is not None:
             on_step(main[0].source, x)
+        if shift is not None and not torch.is_grad_enabled() and x.numel() > FUSED_MAX_ELEMENTS:
+            ring = torch.empty((order, *shape), dtype=dtype, device=x0.device).unbind(0)  # one allocation
         evaluate(main[0].source, x)
         if noise is None and _fusable(main, x, values[main[0].source]):
             reached, fused_check = run_fused(main, order, nonlinear, x, values, grid, set(position), on_step, shift)
@@ -641,8 +643,8 @@ def run_plan(
             main = []
         elif not _tracked(main, x, values[main[0].source]):
             direct = out is not None and noise is None
-            if shift is not None:
-                ring = [torch.empty_like(x0) for _ in range(order)]
+            if shift is not None and ring is None:
+                ring = torch.empty((order, *shape), dtype=dtype, device=x0.device).unbind(0)
     # The unfused main loop records the state every ``order`` steps instead of every evaluation of N: a NaN or inf
     # from N reaches every later state (IEEE arithmetic: NaN and inf survive any linear combination, 0 * inf is
     # NaN), so the records catch it; on failure the steps since the last finite record are replayed with a record
