@@ -26,7 +26,8 @@ Options (anything else raises ``ValueError``):
 * ``grid_constructor``: ``(func, y0, t) -> grid`` as in torchdiffeq; the requested times are merged in.
 * ``callback``, ``progress``: a per-step callback and a tqdm progress bar (see :class:`DEISSolver`).
 * ``krylov_tol``, ``krylov_max_dim``: for sparse or operator linear parts only (:mod:`deis_ode.linear`; run by
-  :mod:`deis_ode.solvers.krylov_multistep`): the Krylov tolerance and largest dimension.
+  :mod:`deis_ode.solvers.krylov_multistep`, and by the adaptive methods): the Krylov tolerance and largest
+  dimension.
 """
 
 from __future__ import annotations
