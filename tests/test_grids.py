@@ -324,3 +324,22 @@ def test_default_spacing_is_power_and_karras_for_edm() -> None:
     assert not torch.equal(timesteps(edm, 6), timesteps(edm, 6, "power"))
     vp = VPSchedule.linear()
     assert torch.equal(timesteps(vp, 6), timesteps(vp, 6, "power"))
+
+
+def test_sigma_ramps_follow_their_formulas():
+    import numpy as np
+    import scipy.stats
+
+    from deis_ode.diffusion.grids import sigma_ramp
+
+    lo, hi, n = 0.03, 14.6, 9
+    karras = sigma_ramp("karras", lo, hi, n)
+    assert karras[0] == pytest.approx(hi) and karras[-1] == pytest.approx(lo)
+    assert np.allclose(np.diff(karras ** (1 / 7)), (lo ** (1 / 7) - hi ** (1 / 7)) / (n - 1))
+    exponential = sigma_ramp("exponential", lo, hi, n)
+    assert np.allclose(np.diff(np.log(exponential)), (np.log(lo) - np.log(hi)) / (n - 1))
+    beta = sigma_ramp("beta", lo, hi, n)
+    quantiles = (beta - lo) / (hi - lo)
+    assert np.allclose(scipy.stats.beta.cdf(quantiles, 0.6, 0.6), 1 - np.linspace(0, 1, n), atol=1e-12)
+    with pytest.raises(ValueError, match="unknown sigma ramp"):
+        sigma_ramp("linear", lo, hi, n)
