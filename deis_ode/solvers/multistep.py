@@ -686,8 +686,8 @@ def run_plan(
             run_plan(upto, nonlinear, x0, times, [0], None, noise, shift, exact=True)
             raise FloatingPointError(
                 f"the state became NaN or inf between grid steps {since} and {bad} (t = {grid[since].item():.8g} to "
-                f"{grid[bad].item():.8g}): the nonlinear part N(t, x) returned NaN or inf at one of those steps (a "
-                "replay of the solve did not reproduce it: is N deterministic?)"
+                f"{grid[bad].item():.8g}), though a replay of the solve found N(t, x) finite at every step: the state "
+                "overflowed there, or N is not deterministic (it returned NaN or inf in the first run only)"
             )
         raise FloatingPointError(
             f"the nonlinear part N(t, x) returned NaN or inf at grid step {bad} (t = {grid[bad].item():.8g}); "
