@@ -256,7 +256,10 @@ class DiffusionODE(SemiLinearODE):
         r"""``Phi(t, tau) W(tau) dtau = m(t) d[exp(sign lambda(tau))]``: ``m = alpha``, ``c = sigma``, ``sign = -1``
         for the eps split; ``m = sigma``, ``c = alpha``, ``sign = +1`` for the x0 split
         (:func:`~deis_ode.diffusion.exponential.diffusion_form`)."""
-        return diffusion_form(self.schedule, self.extrapolate)
+        key = ("exponential_form", self.schedule, self.extrapolate)
+        if key not in self._memo:
+            self._remember(key, diffusion_form(self.schedule, self.extrapolate))
+        return self._memo[key]
 
     # --- stochastic sampling (see deis_ode.diffusion.sde) -----------------------------------------------------
 

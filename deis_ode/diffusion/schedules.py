@@ -447,6 +447,7 @@ class DiscreteVPSchedule(VPSchedule):
         self._knots = knots
         self._slopes = self._pchip_slopes(secants)
         self._cache: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._breakpoints: Tensor | None = None
 
     @staticmethod
     def _pchip_slopes(secants: Tensor) -> Tensor:
@@ -475,7 +476,9 @@ class DiscreteVPSchedule(VPSchedule):
     def breakpoints(self) -> Tensor:
         """The training timesteps ``0, 1, ..., N-1``: the interpolant is a cubic between them, and its second
         derivative jumps there (quadratures over ``t`` split at these points)."""
-        return torch.arange(self._n, dtype=torch.float64)
+        if self._breakpoints is None:
+            self._breakpoints = torch.arange(self._n, dtype=torch.float64)
+        return self._breakpoints
 
     @property
     def betas(self) -> Tensor:
