@@ -51,7 +51,6 @@ import torch
 import torchdiffeq
 from torch import Tensor
 
-from ..verify import count_evaluations
 from .drift import DiffusionODE
 from .grids import timesteps
 
@@ -172,6 +171,8 @@ def optimize_timesteps(
         finite = bool(torch.isfinite(schedule.half_log_snr(cand)).all())
         teacher_options = {"basis": "logrho" if finite else "t"}
     fine = _refine(cand, teacher_substeps)
+    from ..verify import count_evaluations  # (imported on first use, like deis_ode.verify itself)
+
     with torch.no_grad(), count_evaluations(drift) as calls:
         try:
             drift.nonlinear(cand[0], x)
