@@ -310,6 +310,21 @@ def test_time_dependent_linear_part_and_weight():
     assert float(relative(out, ref)[-1]) < 1e-5
 
 
+def test_dense_real_matrix_with_a_complex_state():
+    """A real matrix ``L`` acting on a complex state (the matrix product needs one dtype: the coefficients are
+    promoted) agrees with LSODA."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(4, 4, generator=g, dtype=F64)
+    matrix = -(a @ a.T) * 20.0 - torch.eye(4, dtype=F64)
+    ode = SemiLinearODE(matrix, lambda t, x: torch.sin(x) + torch.cos(t), matrix=True)
+    x0 = torch.complex(torch.tensor([1.0, -0.5, 0.2, 0.0], dtype=F64), torch.tensor([0.3, 0.0, -0.4, 0.1], dtype=F64))
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    ref = reference.solve(ode, x0, t, method="LSODA", rtol=1e-13, atol=1e-13).states
+    out = torchdiffeq.odeint(ode, x0, t, method="adaptive_deis3", rtol=1e-7, atol=1e-7)
+    assert out.dtype == torch.complex128
+    assert float(relative(out, ref)[1:].max()) < 1e-6
+
+
 def test_operator_linear_parts_run_by_krylov_products_and_match_the_dense_matrix():
     """Sparse and matrix-free linear parts take two Krylov products per step (tests/test_adaptive_krylov.py has
     the rest); here the sparse path against the same matrix dense (``matrix=True``)."""

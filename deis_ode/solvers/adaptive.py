@@ -304,8 +304,16 @@ class GeneralCoefficients:
         _, corrector = self._coefficients(s_a, s_b, [s_b, *nodes])
         corrector = corrector.clone()
         corrector[1:] -= predictor
-        first = [place_coefficient(c, self.like) for c in (transition, *predictor.unbind(0))]
-        return first, [place_coefficient(c, self.like) for c in corrector.unbind(0)]
+        first = [self._place(c) for c in (transition, *predictor.unbind(0))]
+        return first, [self._place(c) for c in corrector.unbind(0)]
+
+    def _place(self, c: Tensor) -> Tensor | float:
+        """A coefficient on the state's device and dtype; a real matrix of a complex state becomes complex (a
+        matrix product, unlike an elementwise one, needs both factors in one dtype)."""
+        placed = place_coefficient(c, self.like)
+        if self.matrix and isinstance(placed, Tensor) and self.like.is_complex() and not placed.is_complex():
+            placed = placed.to(self.like.dtype)
+        return placed
 
 
 def ladder(h: float) -> float:
