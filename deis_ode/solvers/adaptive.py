@@ -85,6 +85,9 @@ KEEP = 1.5
 KEEP_LOW = 0.9
 #: Tolerances below ``MIN_RTOL_ULPS`` units of round-off of the state's real dtype are refused.
 MIN_RTOL_ULPS = 8.0
+#: Mixing matrices of the host path kept (by step ratios; pure geometry, shared by all solves; a few kB each).
+MIXES_CACHED = 4096
+_MIXES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 @dataclass
@@ -164,7 +167,6 @@ class DiagonalCoefficients:
         self.pad = like.dim() - lin.ndim  # leading dimensions of the state that L broadcasts over
         self.cache: OrderedDict[tuple, Tensor] = OrderedDict()
         self.phis: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self.mixes: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         per_stack = 12 * flat.size * like.element_size()
         self.cache_size = int(min(32, max(4, CACHE_BYTES // per_stack)))
 
@@ -221,12 +223,12 @@ class DiagonalCoefficients:
         values to the monomial coefficients of their interpolating polynomial) and the estimate (corrector minus
         predictor) is ``e = sum_k B_{k+1} (D [N_{n+1}, N_n, .., N_{n-p+1}])_k``, ``D`` the corrector's ``V^{-1}``
         through ``[1, theta]`` minus ``A`` (shifted one column). Real ``dtype`` matrices, cached by the ratios of the
-        steps (on the ladder they repeat across step sizes)."""
+        steps (on the ladder they repeat across step sizes, and across solves: they depend on no problem data)."""
         theta = [0.0]
         for step in previous:
             theta.append(theta[-1] - step / h)
-        key = tuple(round(t, 12) for t in theta)
-        cached = self.mixes.get(key)
+        key = (*(round(t, 12) for t in theta), dtype)
+        cached = _MIXES.get(key)
         if cached is not None:
             return cached
         p = len(theta)
@@ -234,9 +236,9 @@ class DiagonalCoefficients:
         mix_d = np.linalg.inv(np.vander(np.asarray([1.0, *theta]), p + 1, increasing=True))
         mix_d[:p, 1:] -= mix_p
         pair = (mix_p.astype(dtype), mix_d.astype(dtype))
-        if len(self.mixes) >= 1024:
-            self.mixes.clear()
-        self.mixes[key] = pair
+        if len(_MIXES) >= MIXES_CACHED:
+            _MIXES.clear()
+        _MIXES[key] = pair
         return pair
 
     def step(self, h: float, previous: tuple[float, ...]) -> tuple[Tensor, Tensor]:
