@@ -469,6 +469,7 @@ def integrate_adaptive(
         return flat.view(real_np) if np.iscomplexobj(flat) else flat
 
     buffers = {}  # per number of past nodes: the host branch's work arrays and their real views
+    host_mixes: dict = {}  # the mixing matrices by (step, previous steps oldest first): this solve's look-up
     if host:
         for q in range(1, order):
             pair = [np.empty((q + 1, *x_shape), dtype=state_np) for _ in range(2)]
@@ -538,9 +539,13 @@ def integrate_adaptive(
                 # (a numpy operation on a few thousand numbers costs a fifth of a torch dispatch), in the monomial
                 # form: the per-element factors depend on the step only (one set per ladder step), the mixing of the
                 # values on the geometry only (small matrices)
-                previous = tuple(sign * s for s in reversed(steps[len(steps) - p + 1 :])) if p > 1 else ()
                 basis = diagonal.host_basis(sign * step, order, x_shape)
-                mix_p, mix_d = diagonal.host_mixes(sign * step, previous, real_np)
+                geometry = (step, *steps[len(steps) - p + 1 :]) if p > 1 else step
+                mixes = host_mixes.get(geometry)
+                if mixes is None:
+                    previous = tuple(sign * s for s in reversed(steps[len(steps) - p + 1 :])) if p > 1 else ()
+                    mixes = host_mixes[geometry] = diagonal.host_mixes(sign * step, previous, real_np)
+                mix_p, mix_d = mixes
                 stacked, mixed, stacked_real, mixed_real = buffers[p]  # [N_{n+1}, N_n, ..]; [x_n, monomials]
                 for j in range(p):
                     stacked[j + 1] = values[-1 - j].numpy()
@@ -552,6 +557,7 @@ def integrate_adaptive(
                 n_new = evaluate(tau_new, x_pred)
                 if n_new.requires_grad or n_new.device.type != "cpu" or n_new.dtype != x.dtype:
                     host, x_mag = False, None  # N is tracked by autograd (or moved): the torch path from here on
+                    previous = tuple(sign * s for s in reversed(steps[len(steps) - p + 1 :])) if p > 1 else ()
                     _, corrector = diagonal.step(sign * step, previous)
                     x_new, est = (corrector * torch.stack([x, *history, n_new])).sum(1).unbind(0)
                 else:
