@@ -35,7 +35,15 @@ coefficients are computed once and reused (the host work of a step is then a dic
 compute their coefficients every step and take the controller's step as it is.
 
 Arithmetic: a small CPU state outside autograd (at most ``FUSED_MAX_ELEMENTS`` elements) steps in numpy on views of
-the same memory; another small state uses a few stacked torch operations; a large one makes one pass per term.
+the same memory, in the monomial form of the same weights: with ``A = V^{-1}`` (``V`` the Vandermonde matrix of the
+nodes in units of the step) and ``B_k = h (k-1)! phi_k(h L)``,
+
+    x^P = Phi x_n + sum_k B_{k+1} (A [N_n, ..])_k,        e = sum_k B_{k+1} (D [N_{n+1}, N_n, ..])_k,
+
+so the per-element factors ``B`` depend on the step size only (one phi evaluation per ladder step, whatever the
+steps before it) and the geometry enters through small real matrices ``A``, ``D`` (one matrix product each, cached
+by step ratios across solves); another small state uses a few stacked torch operations; a large one makes one pass
+per term with per-geometry weights.
 
 Output times are stepped to exactly: a step that would pass the next requested time is shortened to end on it (and
 one that would leave less than a step is split in two halves), so the outputs carry the method's own order and no
