@@ -279,14 +279,21 @@ def test_diffusion_drift(extrapolate):
     assert AdaptiveDEISSolver.last_stats.evaluations < 400
 
 
-def test_large_state_path_matches_small_state_path(monkeypatch):
-    """States above FUSED_MAX_ELEMENTS take one pass per term instead of stacked values: the same steps, the same
-    result to round-off (complex state, real L)."""
+@pytest.mark.parametrize("case", ["complex", "batched real, repeated L"])
+def test_large_state_path_matches_small_state_path(monkeypatch, case):
+    """States above FUSED_MAX_ELEMENTS take one pass per term (per-geometry weights) instead of the small state's
+    host arithmetic (per-step phi factors and small mixing matrices): the same steps, the same result to round-off
+    (a complex state with real L; a batch of real states with a repeated symbol, whose phi-functions are evaluated
+    on its distinct values and scattered)."""
     from deis_ode.solvers import adaptive as stepper
 
-    linear = -torch.logspace(-1, 3, 40, dtype=F64)
+    if case == "complex":
+        linear = -torch.logspace(-1, 3, 40, dtype=F64)
+        x0 = torch.complex(torch.linspace(-1, 1, 40, dtype=F64), torch.linspace(0, 1, 40, dtype=F64))
+    else:
+        linear = -torch.cat([torch.logspace(-1, 3, 20, dtype=F64)] * 2)
+        x0 = torch.linspace(-1, 1, 120, dtype=F64).reshape(3, 40)
     ode = SemiLinearODE(linear, lambda t, x: 0.5 * x * torch.cos(x.real) + torch.sin(t))
-    x0 = torch.complex(torch.linspace(-1, 1, 40, dtype=F64), torch.linspace(0, 1, 40, dtype=F64))
     t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
     small = torchdiffeq.odeint(ode, x0, t, method="adaptive_deis4", rtol=1e-8, atol=1e-8)
     steps = AdaptiveDEISSolver.last_stats.accepted
@@ -308,6 +315,21 @@ def test_time_dependent_linear_part_and_weight():
     ref = reference.solve(ode, x0, t, method="LSODA", rtol=1e-13, atol=1e-13).states
     out = torchdiffeq.odeint(ode, x0, t, method="adaptive_deis4", rtol=1e-6, atol=1e-6)
     assert float(relative(out, ref)[-1]) < 1e-5
+
+
+def test_dense_real_matrix_with_a_complex_state():
+    """A real matrix ``L`` acting on a complex state (the matrix product needs one dtype: the coefficients are
+    promoted) agrees with LSODA."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(4, 4, generator=g, dtype=F64)
+    matrix = -(a @ a.T) * 20.0 - torch.eye(4, dtype=F64)
+    ode = SemiLinearODE(matrix, lambda t, x: torch.sin(x) + torch.cos(t), matrix=True)
+    x0 = torch.complex(torch.tensor([1.0, -0.5, 0.2, 0.0], dtype=F64), torch.tensor([0.3, 0.0, -0.4, 0.1], dtype=F64))
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    ref = reference.solve(ode, x0, t, method="LSODA", rtol=1e-13, atol=1e-13).states
+    out = torchdiffeq.odeint(ode, x0, t, method="adaptive_deis3", rtol=1e-7, atol=1e-7)
+    assert out.dtype == torch.complex128
+    assert float(relative(out, ref)[1:].max()) < 1e-6
 
 
 def test_operator_linear_parts_run_by_krylov_products_and_match_the_dense_matrix():

@@ -35,7 +35,15 @@ coefficients are computed once and reused (the host work of a step is then a dic
 compute their coefficients every step and take the controller's step as it is.
 
 Arithmetic: a small CPU state outside autograd (at most ``FUSED_MAX_ELEMENTS`` elements) steps in numpy on views of
-the same memory; another small state uses a few stacked torch operations; a large one makes one pass per term.
+the same memory, in the monomial form of the same weights: with ``A = V^{-1}`` (``V`` the Vandermonde matrix of the
+nodes in units of the step) and ``B_k = h (k-1)! phi_k(h L)``,
+
+    x^P = Phi x_n + sum_k B_{k+1} (A [N_n, ..])_k,        e = sum_k B_{k+1} (D [N_{n+1}, N_n, ..])_k,
+
+so the per-element factors ``B`` depend on the step size only (one phi evaluation per ladder step, whatever the
+steps before it) and the geometry enters through small real matrices ``A``, ``D`` (one matrix product each, cached
+by step ratios across solves); another small state uses a few stacked torch operations; a large one makes one pass
+per term with per-geometry weights.
 
 Output times are stepped to exactly: a step that would pass the next requested time is shortened to end on it (and
 one that would leave less than a step is split in two halves), so the outputs carry the method's own order and no
@@ -85,6 +93,9 @@ KEEP = 1.5
 KEEP_LOW = 0.9
 #: Tolerances below ``MIN_RTOL_ULPS`` units of round-off of the state's real dtype are refused.
 MIN_RTOL_ULPS = 8.0
+#: Mixing matrices of the host path kept (by step ratios; pure geometry, shared by all solves; a few kB each).
+MIXES_CACHED = 4096
+_MIXES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 @dataclass
@@ -189,6 +200,55 @@ class DiagonalCoefficients:
             placed = placed.index_select(-1, self.inverse)
         return placed.reshape(*out.shape[:-1], *([1] * self.pad), *self.shape)
 
+    def host_basis(self, h: float, kmax: int, shape: tuple[int, ...]) -> np.ndarray:
+        """``[Phi, h 0! phi_1, h 1! phi_2, .., h (kmax-1)! phi_kmax]`` at ``h L``, as a numpy array
+        ``(kmax + 1, *shape)`` in the state's dtype (``shape``: the state's): the per-element factors of the monomial
+        form of a step (see :meth:`host_mixes`). They depend on the step only, not on the steps before it, so one
+        evaluation serves every geometry with this step. Cached by ``h``."""
+        key = ("basis", h, kmax)
+        cached = self.phis.get(key)
+        if cached is not None:
+            self.phis.move_to_end(key)
+            return cached
+        phis = phi_functions_host(self.values * h, kmax)  # (kmax + 1, U)
+        phis[1:] *= (h * _factorials(kmax))[:, None]
+        if not self.complex_coefficients and np.iscomplexobj(phis):
+            phis = phis.real
+        if self.inverse is not None:
+            phis = phis[:, self.inverse.cpu().numpy()]
+        dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        phis = phis.reshape(kmax + 1, *([1] * self.pad), *self.shape).astype(dtype)
+        basis = np.ascontiguousarray(np.broadcast_to(phis, (kmax + 1, *shape)))
+        self.phis[key] = basis
+        if len(self.phis) > self.cache_size:
+            self.phis.popitem(last=False)
+        return basis
+
+    def host_mixes(self, h: float, previous: tuple[float, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """``(A, D)`` for a step ``h`` after the steps ``previous`` (newest first): with ``B`` =
+        :meth:`host_basis`, the predictor is ``x^P = B_0 x_n + sum_k B_{k+1} (A [N_n, .., N_{n-p+1}])_k`` (``A =
+        V^{-1}``, ``V`` the ``p x p`` Vandermonde matrix of the nodes ``theta`` in units of the step: ``A`` maps the
+        values to the monomial coefficients of their interpolating polynomial) and the estimate (corrector minus
+        predictor) is ``e = sum_k B_{k+1} (D [N_{n+1}, N_n, .., N_{n-p+1}])_k``, ``D`` the corrector's ``V^{-1}``
+        through ``[1, theta]`` minus ``A`` (shifted one column). Real ``dtype`` matrices, cached by the ratios of the
+        steps (on the ladder they repeat across step sizes, and across solves: they depend on no problem data)."""
+        theta = [0.0]
+        for step in previous:
+            theta.append(theta[-1] - step / h)
+        key = (*(round(t, 12) for t in theta), dtype)
+        cached = _MIXES.get(key)
+        if cached is not None:
+            return cached
+        p = len(theta)
+        mix_p = np.linalg.inv(np.vander(np.asarray(theta), p, increasing=True))
+        mix_d = np.linalg.inv(np.vander(np.asarray([1.0, *theta]), p + 1, increasing=True))
+        mix_d[:p, 1:] -= mix_p
+        pair = (mix_p.astype(dtype), mix_d.astype(dtype))
+        if len(_MIXES) >= MIXES_CACHED:
+            _MIXES.clear()
+        _MIXES[key] = pair
+        return pair
+
     def step(self, h: float, previous: tuple[float, ...]) -> tuple[Tensor, Tensor]:
         """``(P, Q)`` for a step ``h`` after the steps ``previous`` (newest first, ``p - 1`` of them).
 
@@ -254,8 +314,16 @@ class GeneralCoefficients:
         _, corrector = self._coefficients(s_a, s_b, [s_b, *nodes])
         corrector = corrector.clone()
         corrector[1:] -= predictor
-        first = [place_coefficient(c, self.like) for c in (transition, *predictor.unbind(0))]
-        return first, [place_coefficient(c, self.like) for c in corrector.unbind(0)]
+        first = [self._place(c) for c in (transition, *predictor.unbind(0))]
+        return first, [self._place(c) for c in corrector.unbind(0)]
+
+    def _place(self, c: Tensor) -> Tensor | float:
+        """A coefficient on the state's device and dtype; a real matrix of a complex state becomes complex (a
+        matrix product, unlike an elementwise one, needs both factors in one dtype)."""
+        placed = place_coefficient(c, self.like)
+        if self.matrix and isinstance(placed, Tensor) and self.like.is_complex() and not placed.is_complex():
+            placed = placed.to(self.like.dtype)
+        return placed
 
 
 def ladder(h: float) -> float:
@@ -399,6 +467,22 @@ def integrate_adaptive(
         return tol.detach().cpu().numpy() if isinstance(tol, Tensor) else tol
 
     rtol_np, atol_np = as_numpy(controls.rtol), as_numpy(controls.atol)
+    x_shape = tuple(x0.shape)
+    state_np = x0.detach().numpy().dtype if host else None
+
+    def as_real(a: np.ndarray) -> np.ndarray:
+        """``(rows, *shape)`` as ``(rows, n)`` real numbers (a complex array as interleaved pairs): the mixing
+        matrices are real, so one real matrix product mixes a complex stack."""
+        flat = a.reshape(a.shape[0], -1)
+        return flat.view(real_np) if np.iscomplexobj(flat) else flat
+
+    buffers = {}  # per number of past nodes: the host branch's work arrays and their real views
+    host_mixes: dict = {}  # the mixing matrices by (step, previous steps oldest first): this solve's look-up
+    if host:
+        for q in range(1, order):
+            pair = [np.empty((q + 1, *x_shape), dtype=state_np) for _ in range(2)]
+            buffers[q] = (*pair, *(as_real(a) for a in pair))
+
     rejected_last = False
     results: list[Tensor] = []
     attempts = 0
@@ -460,22 +544,42 @@ def integrate_adaptive(
                 x_new = x_pred + est
             elif host and p == len(history):
                 # a small CPU state outside autograd: the step's arithmetic in numpy on views of the same memory
-                # (a numpy operation on a few thousand numbers costs a fifth of a torch dispatch)
-                previous = tuple(sign * s for s in reversed(steps[len(steps) - p + 1 :])) if p > 1 else ()
-                predictor, corrector = diagonal.step(sign * step, previous)
-                past = np.stack([x.numpy(), *(v.numpy() for v in history)])
-                x_pred = torch.from_numpy((predictor.numpy() * past).sum(0))
+                # (a numpy operation on a few thousand numbers costs a fifth of a torch dispatch), in the monomial
+                # form: the per-element factors depend on the step only (one set per ladder step), the mixing of the
+                # values on the geometry only (small matrices)
+                basis = diagonal.host_basis(sign * step, order, x_shape)
+                geometry = (step, *steps[len(steps) - p + 1 :]) if p > 1 else step
+                mixes = host_mixes.get(geometry)
+                if mixes is None:
+                    previous = tuple(sign * s for s in reversed(steps[len(steps) - p + 1 :])) if p > 1 else ()
+                    mixes = host_mixes[geometry] = diagonal.host_mixes(sign * step, previous, real_np)
+                mix_p, mix_d = mixes
+                stacked, mixed, stacked_real, mixed_real = buffers[p]  # [N_{n+1}, N_n, ..]; [x_n, monomials]
+                for j in range(p):
+                    stacked[j + 1] = values[-1 - j].numpy()
+                x_np = x.numpy()
+                mixed[0] = x_np
+                np.matmul(mix_p, stacked_real[1:], out=mixed_real[1:])
+                pred_np = (basis[: p + 1] * mixed).sum(0)
+                x_pred = torch.from_numpy(pred_np)
                 n_new = evaluate(tau_new, x_pred)
                 if n_new.requires_grad or n_new.device.type != "cpu" or n_new.dtype != x.dtype:
                     host, x_mag = False, None  # N is tracked by autograd (or moved): the torch path from here on
+                    previous = tuple(sign * s for s in reversed(steps[len(steps) - p + 1 :])) if p > 1 else ()
+                    _, corrector = diagonal.step(sign * step, previous)
                     x_new, est = (corrector * torch.stack([x, *history, n_new])).sum(1).unbind(0)
                 else:
-                    both = (corrector.numpy() * np.concatenate([past, n_new.numpy()[None]])).sum(1)
-                    magnitude = np.abs(both)
-                    mag_x = np.abs(x.numpy()) if x_mag is None else x_mag
-                    scale = np.maximum(mag_x, magnitude[0]) * rtol_np + atol_np
-                    x_new, est = torch.from_numpy(both[0]), torch.from_numpy(both[1])
-                    host_ratio = (float(np.linalg.norm(magnitude[1] / scale)) / math.sqrt(both[1].size), magnitude[0])
+                    stacked[0] = n_new.numpy()
+                    np.matmul(mix_d, stacked_real, out=mixed_real)
+                    est_np = (basis[1 : p + 2] * mixed).sum(0)
+                    new_np = pred_np + est_np
+                    magnitude = np.abs(new_np)
+                    mag_x = np.abs(x_np) if x_mag is None else x_mag
+                    scale = np.maximum(mag_x, magnitude) * rtol_np + atol_np
+                    scaled = np.abs(est_np).reshape(-1)
+                    scaled /= scale.reshape(-1)
+                    x_new, est = torch.from_numpy(new_np), torch.from_numpy(est_np)
+                    host_ratio = (math.sqrt(float(np.dot(scaled, scaled)) / scaled.size), magnitude)
             elif small:
                 # a small state: a few operations on stacked values (each operation costs its dispatch)
                 previous = tuple(sign * s for s in reversed(steps[len(steps) - p + 1 :])) if p > 1 else ()
