@@ -43,7 +43,7 @@ from torchdiffeq._impl import misc as _td_misc
 from torchdiffeq._impl.misc import _rms_norm
 
 from .forms import OperatorForm
-from .methods import DEISSolver, unwrap
+from .methods import DEISSolver
 from .solvers.adaptive import MIN_RTOL_ULPS, AdaptiveStats, Controls, integrate_adaptive
 from .solvers.adaptive_krylov import OperatorSteps, check_krylov_options, krylov_tolerance
 from .solvers.grid import prepare_grid
@@ -123,14 +123,7 @@ class AdaptiveDEISSolver:
             )
         if not isinstance(y0, Tensor) or not (y0.is_floating_point() or y0.is_complex()):
             raise TypeError(f"the initial state must be a floating point or complex tensor, got {type(y0)}")
-        self.func = func
-        self.ode, self.sign = unwrap(func, self.method)
-        self.form = self.ode.exponential_form()
-        self.basis = "t" if basis is None else basis
-        if self.basis not in self.form.bases:
-            raise ValueError(
-                f"option basis must be one of {list(self.form.bases)} for {type(self.ode).__name__}, got {basis!r}"
-            )
+        DEISSolver._resolve(self, func, basis)  # the same ODE, form and basis checks as deisK
         self.y0 = y0
         given = {k: v for k, v in (("krylov_tol", krylov_tol), ("krylov_max_dim", krylov_max_dim)) if v is not None}
         if isinstance(self.form, OperatorForm):

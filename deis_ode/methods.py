@@ -134,14 +134,7 @@ class DEISSolver:
     ) -> None:
         self.krylov = {k[7:]: kwargs.pop(k) for k in _KRYLOV_OPTIONS if k in kwargs}  # tol, max_dim
         self._reject_unknown_options(kwargs, _VALID_OPTIONS)
-        self.func = func
-        self.ode, self.sign = unwrap(func, self.method)
-        self.form = self.ode.exponential_form()
-        self.basis = "t" if basis is None else basis
-        if self.basis not in self.form.bases:
-            raise ValueError(
-                f"option basis must be one of {list(self.form.bases)} for {type(self.ode).__name__}, got {basis!r}"
-            )
+        self._resolve(func, basis)
         self.warmup = self.ode.default_warmup if warmup is None else warmup
         if self.warmup not in WARMUPS:
             raise ValueError(f"option warmup must be one of {list(WARMUPS)}, got {warmup!r}")
@@ -160,6 +153,18 @@ class DEISSolver:
             raise TypeError(f"the initial state must be a floating point or complex tensor, got {y0.dtype}")
         self.y0 = y0
         self._check_linear_shape()
+
+    def _resolve(self, func: Any, basis: str | None) -> None:
+        """``func``, ``ode`` (the user's object behind torchdiffeq's wrappers), ``sign`` (its time direction), ``form``
+        and the checked ``basis`` (default ``"t"``)."""
+        self.func = func
+        self.ode, self.sign = unwrap(func, self.method)
+        self.form = self.ode.exponential_form()
+        self.basis = "t" if basis is None else basis
+        if self.basis not in self.form.bases:
+            raise ValueError(
+                f"option basis must be one of {list(self.form.bases)} for {type(self.ode).__name__}, got {basis!r}"
+            )
 
     @property
     def method(self) -> str:

@@ -69,11 +69,11 @@ import torch
 from torch import Tensor
 from torchdiffeq._impl.misc import _rms_norm
 
-from ..forms import ExponentialForm, LinearForm, OperatorForm
+from ..forms import ExponentialForm, OperatorForm
 from ..linear.krylov import KrylovError
 from .adaptive_krylov import OperatorSteps, krylov_tolerance
 from .coefficients import step_coefficients
-from .multistep import FUSED_MAX_ELEMENTS, place_coefficient
+from .multistep import FUSED_MAX_ELEMENTS, constant_diagonal, place_coefficient
 from .phi import phi_functions_host
 
 F64 = torch.float64
@@ -371,18 +371,9 @@ def integrate_adaptive(
     """
     callbacks = callbacks or {}
     real = x0.real.dtype if x0.is_complex() else x0.dtype
-    lin = form.constant_linear if isinstance(form, LinearForm) else None
-    fast = (
-        isinstance(form, LinearForm)
-        and lin is not None
-        and not form.matrix
-        and form.weight_fn is None
-        and basis == "t"
-        and not lin.requires_grad
-        and not x0.requires_grad
-    )
+    fast = constant_diagonal(form, basis) and not x0.requires_grad
     small = x0.numel() <= FUSED_MAX_ELEMENTS
-    diagonal = DiagonalCoefficients(lin, x0, large=not small) if fast else None
+    diagonal = DiagonalCoefficients(form.constant_linear, x0, large=not small) if fast else None
     if isinstance(form, OperatorForm) and krylov is None:
         krylov = OperatorSteps(form.operator, krylov_tolerance(x0.dtype, controls.rtol, None))
     elif not isinstance(form, OperatorForm):

@@ -104,7 +104,7 @@ def _rounded_steps(grid: np.ndarray) -> tuple[float, ...]:
 Spec = tuple[int, int, tuple[int, ...]]  # (source, target, nodes) of one update
 
 
-def _constant_diagonal(form: ExponentialForm, basis: str) -> bool:
+def constant_diagonal(form: ExponentialForm, basis: str) -> bool:
     """Whether the coefficients depend on nothing but each step's geometry: constant diagonal L, W = 1, basis t."""
     lin = form.constant_linear if isinstance(form, LinearForm) else None
     return (
@@ -172,7 +172,7 @@ def plan_coefficients(form: ExponentialForm, basis: str, times: Tensor, specs: l
     (:func:`~deis_ode.solvers.coefficients.step_coefficients`). Updates that share a coefficient list share the same
     Python object (placement and the fused stacks rely on it).
     """
-    if _constant_diagonal(form, basis):
+    if constant_diagonal(form, basis):
         return _geometry_coefficients(form, times, specs)  # (checks its arrays for NaN and inf)
     if isinstance(form, DiffusionForm):
         out = batched_diffusion_coefficients(form, basis, times, specs)  # finite entries, or None
